@@ -1,0 +1,3 @@
+"""resnet-flax: residual networks in JAX/Flax."""
+
+__version__ = "0.1.0"
