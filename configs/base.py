@@ -43,22 +43,101 @@ def get_config() -> ml_collections.ConfigDict:
     # groups of this many examples ("ghost" BN; the per-device batch gives per-device BN).
     model.bn_group_size = 0
 
-    # ---- Data (resnet_flax/data/).
+    # ---- Data (resnet_flax/data/). Every source yields float32 NHWC RGB images (grayscale is
+    # replicated, alpha dropped), normalised per channel, and int32 labels.
     config.data = data = ml_collections.ConfigDict()
-    # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', ...), 'image_folder', 'digits'
-    # (built in, no download) or 'synthetic' (random device-resident batches).
+    # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', or any TFDS image-classification set),
+    # 'image_folder' (data_dir/CLASS/*.jpg, or data_dir/SPLIT/CLASS/*.jpg), 'digits'
+    # (scikit-learn's 8x8 digits, built in, no download) or 'synthetic' (random batches).
     data.dataset = 'digits'
     data.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the image folder root
-    data.train_split = 'train'
-    data.eval_split = 'test'
+    data.train_split = 'train'  # TFDS split syntax works: 'train[:99%]'
+    data.eval_split = 'test'  # imagenet2012 calls it 'validation'; a train slice: 'train[99%:]'
     data.image_size = 224  # train and eval crop size
+    data.download = False  # True lets TFDS download and prepare a missing data set (not imagenet)
+    # image_folder with no eval_split folder: hold out this fraction of each class (seeded by
+    # holdout_seed, fixed across runs) as the eval split. 0 = the eval folder must exist.
+    data.holdout_fraction = 0.0
+    data.holdout_seed = 0
+
+    # Normalisation in [0, 1] pixel units; () = the data set's own: ImageNet's statistics for
+    # imagenet2012, image folders and other TFDS sets, CIFAR's for cifar10/100, the train
+    # split's for digits, none (0, 1) for synthetic.
+    data.mean_rgb = ()
+    data.std_rgb = ()
+
+    # Train augmentation. '' = the data set's recipe: 'inception' for imagenet2012, image
+    # folders and TFDS sets with large images; 'pad' for CIFAR-sized ones (<= 64 px); 'none'
+    # for digits.
+    data.train_crop = ''  # '' | 'inception' | 'pad' | 'none'
+    data.inception_area_range = (0.08, 1.0)  # Szegedy et al. 2015: crop 8%-100% of the area
+    data.inception_aspect_range = (3 / 4, 4 / 3)
+    data.crop_padding = 4  # 'pad': zero-pad this many pixels, then crop back (He et al. 2016)
+    data.random_flip = True  # horizontal flips (never for digits: a flipped digit is no digit)
+    data.resize_method = 'bilinear'  # tf.image.resize method: 'bilinear' | 'bicubic' | ...
+    data.antialias = True  # filter when downscaling (closer to PIL and torchvision)
+    data.auto_augment = ''  # '' | 'randaugment' (Cubuk et al. 2020) | 'trivialaugment'
+    data.randaugment_num_ops = 2  # ops applied to each image
+    data.randaugment_magnitude = 9  # 0..30, the paper's scale (ImageNet ResNet-50: 2 ops, 9)
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) mix pairs inside the batch and make
+    # the labels float32 [B, num_classes]. With both > 0 each batch picks one, CutMix with
+    # probability cutmix_prob.
+    data.mixup_alpha = 0.0
+    data.cutmix_alpha = 0.0
+    data.cutmix_prob = 0.5
+
+    # Eval: '' = 'center' for large images, 'resize' for CIFAR-sized ones and digits.
+    # 'center' resizes the short side to image_size / eval_crop_fraction and centre-crops
+    # image_size (224 from 256 by default); 'resize' resizes the whole image to image_size.
+    data.eval_crop = ''  # '' | 'center' | 'resize'
+    data.eval_crop_fraction = 0.875
+
+    # Throughput and memory (tf.data sources).
+    # Raw examples held for shuffling; an ImageNet JPEG is ~110 KB, so 16,384 take ~1.8 GB.
+    data.shuffle_buffer_size = 16_384
+    data.cache = False  # keep the encoded split in memory after the first pass (small sets)
+    data.num_parallel_calls = -1  # decode/augment calls in flight; -1 = tf.data autotunes
+    data.threadpool_size = 0  # private tf.data thread pool; 0 = one thread per host core
+    data.prefetch_batches = 2  # ready batches kept ahead of the step; -1 = tf.data autotunes
+    data.ram_budget_gb = 0.0  # > 0 caps tf.data autotune's buffers at this many GB
+
+    # digits: the first 1,437 images train, the last 360 test (a fixed split, no shuffle).
+    # synthetic: random images of the configured shape and uniform random labels.
+    data.synthetic_num_classes = 1000
+    data.synthetic_num_train_examples = 1_281_167  # sets the epoch length
+    data.synthetic_num_eval_examples = 50_000
 
     # ---- Optimizer and schedule (resnet_flax/optim.py).
     config.optimizer = opt = ml_collections.ConfigDict()
     opt.name = 'sgd'  # 'sgd' | 'lars' | 'lamb' | 'adamw'
-    opt.learning_rate = 0.1  # per 256 images: the peak rate is learning_rate * batch_size / 256
-    opt.momentum = 0.9
-    opt.nesterov = False
+    # Linear scaling rule (Goyal et al. 2017): the peak rate is
+    # learning_rate * batch_size / reference_batch_size. Set reference_batch_size to
+    # batch_size to give the peak rate directly.
+    opt.learning_rate = 0.1
+    opt.reference_batch_size = 256
+    opt.momentum = 0.9  # sgd and lars; 0 = plain SGD
+    opt.nesterov = False  # sgd and lars
+    opt.b1 = 0.9  # adamw and lamb
+    opt.b2 = 0.999  # adamw and lamb
+    opt.eps = 1e-8  # adamw and lamb
+    opt.trust_coefficient = 0.001  # lars: the layer-wise rate is this * |w| / |g|
+    opt.weight_decay = 1e-4
+    # 'l2': weight_decay * w added to the gradient, so it goes through momentum / Adam moments
+    # (the classic ResNet recipe). 'decoupled': added to the optimizer's direction, then scaled
+    # by the rate (AdamW, Loshchilov & Hutter). '' = the optimizer's usual one:
+    # l2 for sgd and lars, decoupled for adamw and lamb.
+    opt.weight_decay_type = ''
+    opt.decay_norm_and_bias = False  # True also decays BN scale/bias and biases (1-D params)
+    opt.adapt_norm_and_bias = False  # lars/lamb: True also applies the trust ratio to 1-D params
+    opt.grad_clip_norm = 0.0  # > 0 clips the gradient to this global norm; 0 = off
+    # Schedule: linear warmup from 0 to the peak, then the decay below, over the whole run.
+    opt.schedule = 'cosine'  # 'cosine' | 'step' | 'polynomial' | 'constant'
+    opt.warmup_epochs = 5.0
+    opt.warmup_steps = 0  # > 0 overrides warmup_epochs
+    opt.end_learning_rate_factor = 0.0  # cosine and polynomial end at this fraction of the peak
+    opt.step_epochs = (30, 60, 80)  # step: multiply the rate by step_factor at these epochs
+    opt.step_factor = 0.1
+    opt.polynomial_power = 2.0  # polynomial: 1 = linear decay
 
     # ---- Training loop (resnet_flax/train.py).
     config.batch_size = 256  # global batch per optimizer update, over all devices and processes

@@ -1,0 +1,177 @@
+"""Orbax checkpoints of the train state: asynchronous saves, safe restores.
+
+Layout under `<workdir>/checkpoints/<step>/`: `state` (the TrainState as sharded arrays) and
+`meta` (JSON: the config, the code version, the step). Orbax writes each step to a temporary
+directory and renames it when complete, so a killed save never looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from orbax.checkpoint import checkpoint_managers
+
+import resnet_flax
+
+PyTree = Any
+CHECKPOINT_DIR = 'checkpoints'
+QUARANTINE_DIR = 'checkpoints_unreadable'
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model being restored."""
+
+
+def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
+    return epath.Path(workdir) / CHECKPOINT_DIR
+
+
+def create_manager(
+    directory: epath.PathLike, keep: int = 3, keep_best: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """Keeps the newest `keep` checkpoints, plus the best by eval top-1 when `keep_best`."""
+    policies = [checkpoint_managers.LatestN(n=keep)]
+    if keep_best:
+        policies.append(
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics['top1'],
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=True,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        epath.Path(directory), item_names=('state', 'meta'), options=options
+    )
+
+
+def code_version() -> str:
+    """Package version, plus the git commit when run from a checkout."""
+    try:
+        commit = subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'],
+            cwd=epath.Path(resnet_flax.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ''
+    return f'{resnet_flax.__version__}+{commit}' if commit else resnet_flax.__version__
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: PyTree,
+    config: ml_collections.ConfigDict,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Starts an asynchronous save; returns once the arrays are copied off the devices."""
+    meta = {
+        'step': int(step),
+        'code_version': code_version(),
+        'saved_at': time.time(),
+        'config': config.to_json_best_effort(),
+    }
+    manager.save(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+        force=True,
+    )
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        jax.tree_util.keystr(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+        for path, leaf in flat
+        if leaf is not None
+    }
+
+
+def check_compatible(saved: PyTree, target: PyTree, where: str) -> None:
+    """Raises a one-line error naming the first parameter whose shape differs."""
+    saved_shapes, target_shapes = _flat_shapes(saved), _flat_shapes(target)
+    for name, (shape, _) in target_shapes.items():
+        if name not in saved_shapes:
+            raise CheckpointMismatchError(
+                f'Checkpoint {where} has no {name} {shape}: it was written by a different model '
+                'or optimizer; use a fresh --workdir or the config that wrote it.'
+            )
+        if saved_shapes[name][0] != shape:
+            raise CheckpointMismatchError(
+                f'Checkpoint {where} does not fit this model: {name} is {saved_shapes[name][0]} '
+                f'there but {shape} here; use a fresh --workdir or the config that wrote it.'
+            )
+    extra = sorted(set(saved_shapes) - set(target_shapes))
+    if extra:
+        raise CheckpointMismatchError(
+            f'Checkpoint {where} has {extra[0]}, which this model lacks: it was written by a '
+            'different model or optimizer; use a fresh --workdir or the config that wrote it.'
+        )
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> PyTree:
+    """Restores `step` into `target`'s shapes and shardings (any device count)."""
+    where = f'{manager.directory}/{step}'
+    check_compatible(manager.item_metadata(step)['state'], target, where)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
+    return restored['state']
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Moves an unreadable checkpoint aside (never deletes it) so that the step can be redone."""
+    source = epath.Path(manager.directory) / str(step)
+    destination = epath.Path(manager.directory).parent / QUARANTINE_DIR / f'{step}-{time.time():.0f}'
+    if jax.process_index() == 0:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(destination)
+    manager.reload()
+    return destination
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree) -> PyTree | None:
+    """The newest readable checkpoint, or None for a fresh workdir.
+
+    An unreadable newest checkpoint (truncated or missing files) is moved aside and the next
+    older one is tried. A checkpoint of another model is an error, not a fallback.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore_step(manager, step, target)
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any read failure means "unreadable"
+            moved = _quarantine(manager, step)
+            logging.warning('Checkpoint step %d is unreadable (%s); moved to %s.',
+                            step, str(error).splitlines()[0][:200], moved)
+            print(f'Checkpoint at step {step} is unreadable; moved it to {moved} and '
+                  'resuming from the previous one.', flush=True)
+    return None
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+    """The step with the highest eval top-1 among the checkpoints that have eval metrics."""
+    scored = []
+    for step in manager.all_steps():
+        metrics = manager.metrics(step)
+        if metrics and 'top1' in metrics:
+            scored.append((metrics['top1'], step))
+    return max(scored)[1] if scored else None

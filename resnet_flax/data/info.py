@@ -1,0 +1,130 @@
+"""What every source shares: the dataset description, config checks and the batch arithmetic.
+
+No TensorFlow here: digits and synthetic must run where TensorFlow is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+# Per-channel statistics in [0, 1] pixel units.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Over the 50,000 training images (pixel-wise population std).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+BUILT_IN = ('digits', 'synthetic', 'image_folder')
+TRAIN_CROPS = ('', 'inception', 'pad', 'none')
+EVAL_CROPS = ('', 'center', 'resize')
+AUTO_AUGMENTS = ('', 'randaugment', 'trivialaugment')
+# Images whose larger side is at most this get the CIFAR recipe by default (pad-crop, resize).
+SMALL_IMAGE_MAX_SIDE = 64
+CHANNELS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer needs to know about a data set before reading it."""
+
+    num_classes: int
+    num_train_examples: int  # the whole train split, over all processes
+    num_eval_examples: int  # the whole eval split, over all processes
+    image_shape: tuple[int, int, int]  # (H, W, C) of every batch image
+    label_names: tuple[str, ...] = ()
+
+
+def rng(*keys: int) -> np.random.Generator:
+    """A numpy generator that is a pure function of integer keys (any sign)."""
+    return np.random.default_rng([int(k) % 2**63 for k in keys])
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f'global_batch_size={global_batch_size} must be a positive multiple of '
+            f'process_count={process_count}.'
+        )
+    return global_batch_size // process_count
+
+
+def check_process(process_index: int, process_count: int) -> None:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f'process_index={process_index} must be in [0, process_count={process_count}).'
+        )
+
+
+def normalization(data_cfg, default_mean: Sequence[float],
+                  default_std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 [3] from the config, or the data set's defaults."""
+    mean = tuple(data_cfg.mean_rgb) or tuple(default_mean)
+    std = tuple(data_cfg.std_rgb) or tuple(default_std)
+    if len(mean) != CHANNELS or len(std) != CHANNELS or min(std) <= 0:
+        raise ValueError(
+            f'data.mean_rgb={tuple(data_cfg.mean_rgb)} / data.std_rgb={tuple(data_cfg.std_rgb)} '
+            'must be 3 values each (std > 0) in [0, 1] pixel units, or () for the defaults.'
+        )
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+def validate(data_cfg) -> None:
+    """Checks the fields every source reads; raises a one-line ValueError naming the field."""
+    if not isinstance(data_cfg.dataset, str) or not data_cfg.dataset:
+        raise ValueError(
+            f'data.dataset={data_cfg.dataset!r} must name a source: a TFDS data set '
+            f"('imagenet2012', 'cifar10', ...) or one of {BUILT_IN}."
+        )
+    if int(data_cfg.image_size) < 1:
+        raise ValueError(f'data.image_size={data_cfg.image_size} must be a positive integer.')
+    choices = (('train_crop', TRAIN_CROPS), ('eval_crop', EVAL_CROPS),
+               ('auto_augment', AUTO_AUGMENTS))
+    for name, valid in choices:
+        if data_cfg[name] not in valid:
+            raise ValueError(f'data.{name}={data_cfg[name]!r} is not one of {valid}.')
+    if not 0 < data_cfg.eval_crop_fraction <= 1:
+        raise ValueError(
+            f'data.eval_crop_fraction={data_cfg.eval_crop_fraction} must be in (0, 1] '
+            '(0.875 crops 224 from 256).'
+        )
+    if not 0 <= data_cfg.holdout_fraction < 1:
+        raise ValueError(
+            f'data.holdout_fraction={data_cfg.holdout_fraction} must be in [0, 1).'
+        )
+    low, high = data_cfg.inception_area_range
+    if not 0 < low <= high <= 1:
+        raise ValueError(
+            f'data.inception_area_range={tuple(data_cfg.inception_area_range)} must satisfy '
+            '0 < low <= high <= 1.'
+        )
+    low, high = data_cfg.inception_aspect_range
+    if not 0 < low <= high:
+        raise ValueError(
+            f'data.inception_aspect_range={tuple(data_cfg.inception_aspect_range)} must satisfy '
+            '0 < low <= high.'
+        )
+    if data_cfg.crop_padding < 0:
+        raise ValueError(f'data.crop_padding={data_cfg.crop_padding} must be >= 0.')
+    if data_cfg.mixup_alpha < 0 or data_cfg.cutmix_alpha < 0:
+        raise ValueError(
+            f'data.mixup_alpha={data_cfg.mixup_alpha} and data.cutmix_alpha='
+            f'{data_cfg.cutmix_alpha} must be >= 0 (0 = off).'
+        )
+    if not 0 <= data_cfg.cutmix_prob <= 1:
+        raise ValueError(f'data.cutmix_prob={data_cfg.cutmix_prob} must be in [0, 1].')
+    if not 0 <= data_cfg.randaugment_magnitude <= 30 or data_cfg.randaugment_num_ops < 0:
+        raise ValueError(
+            f'data.randaugment_magnitude={data_cfg.randaugment_magnitude} must be in [0, 30] and '
+            f'data.randaugment_num_ops={data_cfg.randaugment_num_ops} >= 0.'
+        )
+    normalization(data_cfg, IMAGENET_MEAN, IMAGENET_STD)  # checks the shapes
+
+
+def eval_batch_count(num_examples: int, global_batch_size: int) -> int:
+    """Batches in one eval pass: every process yields this many (the last ones padded)."""
+    return -(-num_examples // global_batch_size)

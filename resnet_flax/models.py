@@ -1,0 +1,300 @@
+"""The ResNet family: one `ResNet` module assembled from stages, built by name or from a config.
+
+    model = models.create('resnet50', num_classes=1000)            # torchvision's ResNet-50
+    model = models.create('resnet56')                               # CIFAR, 10 classes
+    model = models.from_config(config.model)                        # configs/base.py `model`
+    variables = model.init(rng, images, train=False)                # NHWC float images
+    logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+
+Logits are float32 whatever `model.dtype` is (the head runs in float32, for the loss).
+
+Parameter tree (1:1 with torchvision's state dict; stages and blocks count from 1)::
+
+    torchvision                          flax (params / batch_stats)
+    conv1.weight [O,I,kh,kw]             stem_conv/kernel [kh,kw,I,O]
+    bn1.{weight,bias}                    stem_bn/{scale,bias}
+    bn1.{running_mean,running_var}       batch_stats stem_bn/{mean,var}
+    layer{i}.{j}.conv{k}.weight          stage{i}_block{j+1}/conv{k}/kernel
+    layer{i}.{j}.bn{k}.*                 stage{i}_block{j+1}/bn{k}/*
+    layer{i}.{j}.downsample.0.weight     stage{i}_block{j+1}/proj_conv/kernel
+    layer{i}.{j}.downsample.1.*          stage{i}_block{j+1}/proj_bn/*
+    fc.weight [O,I], fc.bias             head/kernel [I,O], head/bias
+
+BN running_var: torchvision keeps the unbiased variance, flax the biased one; at the sizes BN
+sees the difference is negligible and is copied as is. Batch-norm `num_batches_tracked` has no
+counterpart. Other names: the deep stem is `stem_conv{1,2,3}`/`stem_bn{1,2,3}` (timm's
+`conv1.{0,3,6}`, `conv1.{1,4}`, `bn1`); SE is `.../se/reduce` and `.../se/expand` (Dense);
+pre-activation nets end with `final_bn`, and their projection shortcuts have no `proj_bn`.
+
+BN statistics: `nn.BatchNorm` under `jax.jit` with a batch-sharded input reduces over the
+global batch (synchronised BN). `model.bn_group_size > 0` selects ghost BN instead, with
+statistics over groups of that many examples (set it to the per-device batch for per-device BN).
+"""
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resnet_flax import blocks
+
+# The `model` section of configs/base.py, with the same defaults. The package does not import
+# configs/, so the schema lives here too; tests check that the two agree.
+CONFIG_DEFAULTS: dict[str, Any] = dict(
+    family='imagenet', depth=50, num_classes=1000, block='', stage_sizes=(), stage_widths=(),
+    stem='', stem_width=0, shortcut='', stride_placement='v1.5', preactivation=False,
+    avg_down=False, zero_init_last_bn=False, width_multiplier=1.0, groups=1, base_width=64,
+    se_ratio=0.0, dtype='float32', param_dtype='float32', bn_momentum=0.9, bn_epsilon=1e-5,
+    bn_group_size=0,
+)
+
+IMAGENET_DEPTHS = {  # depth -> (block, blocks per stage), He et al. 2015 Table 1 (+ v2's 200)
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+    200: ('bottleneck', (3, 24, 36, 3)),
+}
+
+FAMILIES = {  # what '' / () / 0 in the config resolve to
+    'imagenet': dict(stage_widths=(64, 128, 256, 512), stem='imagenet', stem_width=64,
+                     shortcut='B'),
+    'cifar': dict(stage_widths=(16, 32, 64), stem='cifar', stem_width=16, shortcut='A'),
+}
+
+# Named members: the config fields that differ from CONFIG_DEFAULTS.
+_CIFAR = dict(family='cifar', num_classes=10)
+REGISTRY: dict[str, dict[str, Any]] = {
+    **{f'resnet{d}': dict(depth=d) for d in IMAGENET_DEPTHS},
+    **{f'resnet{d}': dict(_CIFAR, depth=d) for d in (20, 32, 44, 56, 110, 1202)},
+    'resnet50d': dict(depth=50, stem='deep', avg_down=True),  # ResNet-D (He et al. 2019)
+    'wide_resnet50_2': dict(depth=50, width_multiplier=2.0),
+    'wide_resnet101_2': dict(depth=101, width_multiplier=2.0),
+    'resnext50_32x4d': dict(depth=50, groups=32, base_width=4),
+    'resnext101_32x8d': dict(depth=101, groups=32, base_width=8),
+}
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class ResNet(nn.Module):
+    """A residual network: stem, stages of residual blocks, global average pool, dense head.
+
+    Fields are fully resolved (no family defaults); build it with `create` or `from_config`.
+    Stage i > 1 downsamples by 2 in its first block. Block output widths are `stage_widths`
+    times the expansion (4 for bottlenecks); see `block_widths` for the inner widths.
+    """
+
+    stage_sizes: Sequence[int]
+    stage_widths: Sequence[int]
+    num_classes: int
+    block: str = 'bottleneck'
+    stem: str = 'imagenet'
+    stem_width: int = 64
+    shortcut: str = 'B'
+    stride_placement: str = 'v1.5'
+    preactivation: bool = False
+    avg_down: bool = False
+    zero_init_last_bn: bool = False
+    width_multiplier: float = 1.0
+    groups: int = 1
+    base_width: int = 64
+    se_ratio: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_group_size: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        super().__post_init__()
+
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block == 'bottleneck' else 1
+
+    def block_widths(self, stage_width: int) -> tuple[int, int]:
+        """(output width, inner width) of the blocks of a stage with this base width."""
+        if self.block == 'basic':  # Wide ResNet widens both 3x3 convs
+            width = stage_width * self.width_multiplier
+            return _exact_int(width, 'stage width x width_multiplier'), _exact_int(width, '')
+        per_group = stage_width * self.width_multiplier * self.base_width / 64
+        per_group = _exact_int(per_group, 'stage width x width_multiplier x base_width / 64')
+        return stage_width * self.expansion, per_group * self.groups
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=blocks.conv_kernel_init,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        norm_kwargs = dict(use_running_average=not train, momentum=self.bn_momentum,
+                           epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.bn_group_size > 0:
+            norm = functools.partial(blocks.GhostBatchNorm, group_size=self.bn_group_size,
+                                     **norm_kwargs)
+        else:
+            norm = functools.partial(nn.BatchNorm, **norm_kwargs)
+        act = nn.relu
+        se = None
+        if self.se_ratio > 0:
+            se = functools.partial(blocks.SqueezeExcite, ratio=self.se_ratio, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
+        block_cls = blocks.block_class(self.block, self.preactivation)
+
+        x = jnp.asarray(x, self.dtype)
+        x = blocks.stem(x, kind=self.stem, width=self.stem_width, conv=conv, norm=norm, act=act,
+                        preactivation=self.preactivation)
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths), start=1):
+            features, inner = self.block_widths(width)
+            for j in range(1, size + 1):
+                x = block_cls(
+                    features=features, inner_features=inner,
+                    strides=2 if i > 1 and j == 1 else 1,
+                    conv=conv, norm=norm, act=act, shortcut=self.shortcut,
+                    avg_down=self.avg_down, zero_init_last_bn=self.zero_init_last_bn,
+                    groups=self.groups, stride_placement=self.stride_placement, se=se,
+                    name=f'stage{i}_block{j}')(x)
+        if self.preactivation:
+            x = act(norm(name='final_bn')(x))
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
+                        name='head')(x)
+
+
+def _exact_int(value: float, what: str) -> int:
+    if value != int(value) or value < 1:
+        raise ValueError(f'{what} = {value} is not a positive whole number; choose '
+                         'model.width_multiplier / model.base_width so that it divides evenly')
+    return int(value)
+
+
+def _choice(field: str, value: Any, valid: Sequence[Any]) -> None:
+    if value not in valid:
+        raise ValueError(f'model.{field}={value!r} is not valid; choose one of '
+                         f'{", ".join(map(repr, valid))}')
+
+
+def _validate(m: ResNet) -> None:
+    """One-line ValueErrors for structures that cannot be built."""
+    _choice('block', m.block, ('basic', 'bottleneck'))
+    _choice('stem', m.stem, blocks.STEMS)
+    _choice('shortcut', m.shortcut, blocks.SHORTCUTS)
+    _choice('stride_placement', m.stride_placement, blocks.STRIDE_PLACEMENTS)
+    sizes, widths = tuple(m.stage_sizes), tuple(m.stage_widths)
+    if not sizes or len(sizes) != len(widths):
+        raise ValueError(f'model.stage_widths {widths} must give one width per stage of '
+                         f'model.stage_sizes {sizes} ({len(sizes)} stages)')
+    if any(int(n) < 1 for n in sizes) or any(int(w) < 1 for w in widths):
+        raise ValueError(f'stage sizes {sizes} and widths {widths} must be positive')
+    if m.num_classes < 1:
+        raise ValueError(f'model.num_classes={m.num_classes} must be >= 1')
+    if m.groups < 1 or m.base_width < 1 or m.width_multiplier <= 0:
+        raise ValueError(f'model.groups={m.groups}, base_width={m.base_width} and '
+                         f'width_multiplier={m.width_multiplier} must be positive')
+    if m.block == 'basic' and (m.groups != 1 or m.base_width != 64):
+        raise ValueError(f'model.groups={m.groups} / base_width={m.base_width} apply to '
+                         "bottleneck blocks only; use groups=1, base_width=64 with 'basic'")
+    if m.shortcut == 'A' and m.block == 'bottleneck':
+        raise ValueError("model.shortcut='A' (zero-padded identity) works with basic blocks "
+                         "only; use 'B' or 'C' with bottleneck blocks")
+    if m.stem == 'deep' and m.stem_width % 2:
+        raise ValueError(f'model.stem_width={m.stem_width} must be even for the deep stem')
+    if not 0 <= m.se_ratio < 1:
+        raise ValueError(f'model.se_ratio={m.se_ratio} must be in [0, 1); 0 turns SE off')
+    if m.bn_group_size < 0:
+        raise ValueError(f'model.bn_group_size={m.bn_group_size} must be >= 0 (0 = global BN)')
+    previous = m.stem_width
+    for width in widths:
+        features, _ = m.block_widths(width)  # raises if a width does not divide
+        if m.shortcut == 'A' and features < previous:
+            raise ValueError(f"model.shortcut='A' can only widen: stage width {features} < "
+                             f'{previous}; use B or C, or non-decreasing widths')
+        previous = features
+
+
+def names() -> list[str]:
+    """Every named member of the family."""
+    return sorted(REGISTRY, key=lambda n: (REGISTRY[n].get('family', 'imagenet'), n))
+
+
+def resolve(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A `model` config section (possibly partial) -> the keyword arguments of `ResNet`."""
+    unknown = sorted(set(fields) - set(CONFIG_DEFAULTS))
+    if unknown:
+        raise ValueError(f'unknown model config field(s) {unknown}; valid: '
+                         f'{", ".join(CONFIG_DEFAULTS)}')
+    cfg = {**CONFIG_DEFAULTS, **fields}
+    _choice('family', cfg['family'], tuple(FAMILIES))
+    family = FAMILIES[cfg['family']]
+    depth = int(cfg['depth'])
+    block = cfg['block'] or ('bottleneck' if cfg['family'] == 'imagenet' and depth >= 50
+                             else 'basic')
+    sizes = tuple(int(n) for n in cfg['stage_sizes'])
+    if not sizes and cfg['family'] == 'imagenet':
+        if depth not in IMAGENET_DEPTHS:
+            raise ValueError(f'model.depth={depth} has no ImageNet stage table; choose one of '
+                             f'{", ".join(map(str, IMAGENET_DEPTHS))} or set model.stage_sizes')
+        sizes = IMAGENET_DEPTHS[depth][1]
+    elif not sizes:  # CIFAR: 6n+2 layers with basic blocks, 9n+2 with bottlenecks
+        per_block = 2 if block == 'basic' else 3
+        n, rest = divmod(depth - 2, 3 * per_block)
+        if rest or n < 1:
+            raise ValueError(f'model.depth={depth} is not a CIFAR depth for {block} blocks; use '
+                             f'{3 * per_block}n+2 (e.g. {3 * per_block + 2}, '
+                             f'{6 * per_block + 2}, ...)')
+        sizes = (n,) * len(family['stage_widths'])
+    widths = tuple(int(w) for w in cfg['stage_widths'])
+    if not widths:  # family widths, doubling for any extra stages
+        base = family['stage_widths'][0]
+        widths = tuple(base * 2**i for i in range(len(sizes)))
+    for key in ('dtype', 'param_dtype'):
+        _choice(key, cfg[key], tuple(DTYPES))
+    return dict(
+        stage_sizes=sizes, stage_widths=widths, num_classes=int(cfg['num_classes']),
+        block=block, stem=cfg['stem'] or family['stem'],
+        stem_width=int(cfg['stem_width']) or family['stem_width'],
+        shortcut=cfg['shortcut'] or family['shortcut'],
+        stride_placement=cfg['stride_placement'], preactivation=bool(cfg['preactivation']),
+        avg_down=bool(cfg['avg_down']), zero_init_last_bn=bool(cfg['zero_init_last_bn']),
+        width_multiplier=float(cfg['width_multiplier']), groups=int(cfg['groups']),
+        base_width=int(cfg['base_width']), se_ratio=float(cfg['se_ratio']),
+        dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']],
+        bn_momentum=float(cfg['bn_momentum']), bn_epsilon=float(cfg['bn_epsilon']),
+        bn_group_size=int(cfg['bn_group_size']),
+    )
+
+
+def config_for(name: str, num_classes: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """The `model` config fields of a named member (with overrides), e.g. to write a config."""
+    if name not in REGISTRY:
+        raise ValueError(f'unknown model {name!r}; valid: {", ".join(names())}')
+    fields = {**CONFIG_DEFAULTS, **REGISTRY[name], **overrides}
+    if num_classes is not None:
+        fields['num_classes'] = num_classes
+    resolve(fields)  # fail early, with the config field names
+    return fields
+
+
+def create(name: str, num_classes: int | None = None, **overrides: Any) -> ResNet:
+    """A named member of the family; `overrides` are `model` config fields (e.g. dtype='bfloat16',
+    zero_init_last_bn=True). `num_classes=None` keeps the family's (1000 ImageNet, 10 CIFAR)."""
+    return ResNet(**resolve(config_for(name, num_classes, **overrides)))
+
+
+def from_config(model_cfg: Mapping[str, Any]) -> ResNet:
+    """The model described by a config's `model` section (an ml_collections.ConfigDict)."""
+    fields = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+    return ResNet(**resolve(fields))
+
+
+def describe(model: ResNet) -> dict[str, Any]:
+    """The model's fields as plain data (dtypes by name), e.g. for logging."""
+    out = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+           if f.name not in ('parent', 'name')}
+    for key in ('dtype', 'param_dtype'):
+        out[key] = jnp.dtype(out[key]).name
+    return out

@@ -1,0 +1,146 @@
+"""Pure train and eval steps. No I/O and no host syncs: the loop jits these and drives them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from resnet_flax.state import TrainState
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the train step needs besides the state and the batch."""
+
+    label_smoothing: float = 0.0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0
+    debug_nan_at_step: int = -1  # tests only: poison the loss at this step
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    """Per-example softmax cross-entropy; `labels` are class ids or soft targets (mixup)."""
+    num_classes = logits.shape[-1]
+    targets = labels if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes)
+    if label_smoothing > 0:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the true class is among the k highest logits (k is capped at num_classes)."""
+    hard_labels = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
+    k = min(k, logits.shape[-1])
+    _, top = jax.lax.top_k(logits, k)
+    return jnp.any(top == hard_labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _loss_and_updates(model: nn.Module, params, batch_stats, batch: Batch, cfg: StepConfig):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats},
+        batch['image'],
+        train=True,
+        mutable=['batch_stats'],
+    )
+    loss = jnp.mean(cross_entropy(logits, batch['label'], cfg.label_smoothing))
+    top1 = jnp.mean(correct_topk(logits, batch['label'], 1))
+    return loss, (updates['batch_stats'], top1)
+
+
+def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_sharding):
+    """Mean loss gradient over the batch, in `grad_accum_steps` sequential micro-batches."""
+    grad_fn = jax.value_and_grad(_loss_and_updates, argnums=1, has_aux=True)
+    if cfg.grad_accum_steps == 1:
+        (loss, (batch_stats, top1)), grads = grad_fn(model, params, batch_stats, batch, cfg)
+        return loss, top1, batch_stats, grads
+
+    k = cfg.grad_accum_steps
+
+    def split(x):
+        # Micro-batch i takes every k-th example, so each device keeps its own rows.
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    micro_batches = jax.tree.map(split, batch)
+
+    def accumulate(carry, micro):
+        grads_sum, loss_sum, top1_sum, stats = carry
+        micro = jax.lax.with_sharding_constraint(micro, batch_sharding)
+        (loss, (stats, top1)), grads = grad_fn(model, params, stats, micro, cfg)
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, loss_sum + loss, top1_sum + top1, stats), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), batch_stats)
+    (grads, loss, top1, batch_stats), _ = jax.lax.scan(accumulate, init, micro_batches)
+    grads = jax.tree.map(lambda g: g / k, grads)
+    return loss / k, top1 / k, batch_stats, grads
+
+
+def _ema(average: PyTree, new: PyTree, decay: float) -> PyTree:
+    return jax.tree.map(lambda a, n: decay * a + (1.0 - decay) * n, average, new)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+    cfg: StepConfig,
+    batch_sharding: NamedSharding | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on one global batch. Returns the new state and scalar metrics."""
+    if cfg.debug_nan_at_step >= 0:
+        poison = jnp.where(state.step == cfg.debug_nan_at_step, jnp.nan, 1.0)
+        batch = {**batch, 'image': batch['image'] * poison}
+    loss, top1, batch_stats, grads = _gradients(
+        model, state.params, state.batch_stats, batch, cfg, batch_sharding
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    if cfg.ema_decay > 0:
+        new_state = new_state.replace(
+            ema_params=_ema(state.ema_params, params, cfg.ema_decay),
+            ema_batch_stats=_ema(state.ema_batch_stats, batch_stats, cfg.ema_decay),
+        )
+    metrics = {
+        'loss': loss,
+        'top1': top1,
+        'learning_rate': learning_rate_fn(state.step),
+        'grad_norm': optax.global_norm(grads),
+    }
+    return new_state, metrics
+
+
+def eval_step(variables: PyTree, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+    """Sums over the real (unmasked) examples of one batch; the loop adds them up."""
+    logits = model.apply(variables, batch['image'], train=False)
+    mask = batch['mask'].astype(jnp.float32)
+    return {
+        'loss': jnp.sum(cross_entropy(logits, batch['label'], 0.0) * mask),
+        'top1': jnp.sum(correct_topk(logits, batch['label'], 1) * mask),
+        'top5': jnp.sum(correct_topk(logits, batch['label'], 5) * mask),
+        'count': jnp.sum(mask),
+    }
+
+
+def summarize_eval(totals: dict[str, Any]) -> dict[str, float]:
+    """Means over every example from the summed eval metrics."""
+    count = float(totals['count'])
+    means = {name: float(totals[name]) / max(count, 1.0) for name in ('loss', 'top1', 'top5')}
+    return {**means, 'num_examples': int(count)}

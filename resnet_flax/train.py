@@ -1,0 +1,312 @@
+"""The training loop: data -> step -> metrics, evaluation and checkpoints.
+
+All side effects live here; the step itself (`steps.train_step`) is pure and jitted once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from resnet_flax import checkpoint, data, evaluate, models, optim, sharding, steps
+from resnet_flax import metrics as metrics_lib
+from resnet_flax.state import TrainState, abstract_state, create_train_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or Inf loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When things happen, in optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    log_every: int
+
+    def is_due(self, step: int, every: int) -> bool:
+        return step == self.total_steps or (every > 0 and step % every == 0)
+
+
+def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) -> Schedule:
+    steps_per_epoch = max(1, num_train_examples // config.batch_size)
+    if config.num_train_steps > 0:
+        total_steps = config.num_train_steps
+    else:
+        total_steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    if config.eval_every_steps > 0:
+        eval_every = config.eval_every_steps
+    else:
+        eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+    return Schedule(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=eval_every,
+        checkpoint_every=config.checkpoint_every_steps,
+        log_every=max(1, config.log_every_steps),
+    )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, before anything compiles, on settings that cannot work here."""
+    sharding.check_batch_size(config.batch_size)
+    sharding.check_batch_size(evaluate.eval_batch_size(config), 'eval_batch_size')
+    k = config.grad_accum_steps
+    if k < 1 or config.batch_size % (k * jax.device_count()):
+        raise ValueError(
+            f'config.batch_size={config.batch_size} cannot be split into '
+            f'grad_accum_steps={k} micro-batches over {jax.device_count()} devices; '
+            f'use a batch size that is a multiple of {max(k, 1) * jax.device_count()}.'
+        )
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a flag the loop checks between steps (no work is lost mid-step).
+
+    With several processes, JAX's coordination service catches the signal and every process
+    agrees on the step to stop at, through orbax's `reached_preemption`.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def should_stop(self, manager, step: int) -> bool:
+        if jax.process_count() > 1:
+            return manager.reached_preemption(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _train_batches(config, schedule: Schedule, start_step: int, mesh):
+    if config.data.dataset == 'synthetic':
+        # Synthetic data lives on the devices: one batch, reused, so no input cost is timed.
+        first = next(_host_batches(config, start_step))
+        return itertools.repeat(sharding.put_batch(first, mesh))
+    return sharding.prefetch_to_mesh(_host_batches(config, start_step), mesh)
+
+
+def _host_batches(config, start_step: int):
+    return data.train_batches(
+        config.data,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """One host sync for a whole logging window."""
+    fetched = jax.device_get(window)
+    return {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+
+
+def _check_finite(summary: dict[str, float], step: int, last_checkpoint: int | None) -> None:
+    if not math.isfinite(summary['loss']):
+        kept = (f'the last checkpoint (step {last_checkpoint}) is intact'
+                if last_checkpoint is not None else 'no checkpoint was written')
+        raise NonFiniteLossError(
+            f"Training loss is {summary['loss']} by step {step}; stopped, and {kept}. "
+            'Lower optimizer.learning_rate or add warmup, then run the same command to resume.'
+        )
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    if jax.process_index() == 0:
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+    workdir = epath.Path(workdir)
+    validate_config(config)
+    info = data.get_info(config.data)  # a missing dataset fails here, before any compile
+    if info.num_classes != config.model.num_classes:
+        raise ValueError(
+            f'config.model.num_classes={config.model.num_classes} but {config.data.dataset!r} '
+            f'has {info.num_classes} classes; set --config.model.num_classes={info.num_classes}.'
+        )
+    schedule = make_schedule(config, info.num_train_examples)
+    mesh = sharding.create_mesh()
+    model = models.from_config(config.model)
+    learning_rate_fn = optim.create_learning_rate_schedule(config, schedule.steps_per_epoch)
+    optimizer = optim.create_optimizer(config, schedule.steps_per_epoch)
+    use_ema = config.ema_decay > 0
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = checkpoint.create_manager(
+        checkpoint.checkpoint_dir(workdir), keep=config.keep_checkpoints
+    )
+    target = abstract_state(model, optimizer, info.image_shape, use_ema, mesh)
+    state = checkpoint.restore_latest(manager, target)
+    if state is None:
+        state = create_train_state(
+            model, optimizer, jax.random.PRNGKey(config.seed), info.image_shape, use_ema, mesh
+        )
+    start_step = int(state.step)
+    _save_config(config, workdir)
+
+    step_cfg = steps.StepConfig(
+        label_smoothing=config.label_smoothing,
+        grad_accum_steps=config.grad_accum_steps,
+        ema_decay=config.ema_decay,
+        debug_nan_at_step=config.debug_nan_at_step,
+    )
+    train_step = jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target)
+    eval_fn = evaluate.make_eval_fn(model, mesh)
+
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    progress = metrics_lib.Progress(schedule.total_steps, start_step, enabled=is_main)
+    preemption = PreemptionWatcher()
+    profiler = Profiler(config, workdir)
+    last_checkpoint = manager.latest_step()
+    if start_step:
+        progress.write(f'Resumed from step {start_step} in {workdir}.')
+    logging.info('Training %d steps (%d per epoch) on %d devices in %d processes.',
+                 schedule.total_steps, schedule.steps_per_epoch, jax.device_count(),
+                 jax.process_count())
+
+    batches = _train_batches(config, schedule, start_step, mesh)
+    window: list[dict[str, jax.Array]] = []
+    window_start = time.time()
+    eval_metrics: dict[str, float] = {}
+    train_summary: dict[str, float] = {}
+    run_start = time.time()
+    step = start_step
+    try:
+        while step < schedule.total_steps:
+            if preemption.should_stop(manager, step):
+                checkpoint.save(manager, step, state, config)
+                manager.wait_until_finished()
+                progress.write(f'Preempted: saved a checkpoint at step {step}; run the same '
+                               'command to resume.')
+                return {'step': step, 'preempted': True}
+            profiler.before_step(step)
+            state, step_metrics = train_step(state, next(batches))
+            window.append(step_metrics)
+            step += 1
+            profiler.after_step(step)
+
+            eval_due = schedule.is_due(step, schedule.eval_every)
+            checkpoint_due = schedule.is_due(step, schedule.checkpoint_every)
+            if schedule.is_due(step, schedule.log_every) or eval_due or checkpoint_due:
+                elapsed = time.time() - window_start
+                train_summary = _mean_metrics(window)
+                train_summary['images_per_sec'] = len(window) * config.batch_size / elapsed
+                if config.halt_on_nan:
+                    _check_finite(train_summary, step, last_checkpoint)
+                writer.write(step, 'train', train_summary)
+                progress.update(step, train_summary)
+                window, window_start = [], time.time()
+            if eval_due:
+                eval_metrics = _evaluate_all(eval_fn, state, config, mesh, use_ema)
+                writer.write(step, 'eval', eval_metrics)
+                progress.write(_format_eval(step, eval_metrics))
+            if eval_due or checkpoint_due:
+                checkpoint.save(manager, step, state, config,
+                                metrics={'top1': eval_metrics['top1']} if eval_due else None)
+                last_checkpoint = step
+                window_start = time.time()  # do not charge eval/checkpoint time to the step
+    finally:
+        manager.wait_until_finished()
+        preemption.close()
+        progress.close()
+        writer.close()
+        profiler.close()
+
+    summary = {
+        'step': step,
+        **{f'eval_{k}': v for k, v in eval_metrics.items()},
+        'train_loss': train_summary.get('loss'),
+        'wall_time_sec': time.time() - run_start,
+    }
+    if is_main:
+        print('Done: ' + ', '.join(f'{k}={_short(v)}' for k, v in summary.items()), flush=True)
+    return summary
+
+
+def jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target: TrainState):
+    """The train step jitted with its shardings, the old state donated to the new one."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    state_shardings = jax.tree.map(lambda x: x.sharding, target)
+    step_fn = functools.partial(
+        steps.train_step,
+        model=model,
+        optimizer=optimizer,
+        learning_rate_fn=learning_rate_fn,
+        cfg=step_cfg,
+        batch_sharding=batch_sharding,
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def _evaluate_all(eval_fn, state: TrainState, config, mesh, use_ema: bool) -> dict[str, float]:
+    results = evaluate.evaluate(eval_fn, state.variables(), config, mesh)
+    if use_ema:
+        ema = evaluate.evaluate(eval_fn, state.variables(use_ema=True), config, mesh)
+        results.update({f'ema_{k}': v for k, v in ema.items() if k != 'num_examples'})
+    return results
+
+
+def _format_eval(step: int, metrics: dict[str, float]) -> str:
+    return (f"eval @ step {step}: loss {metrics['loss']:.4f}, top1 {metrics['top1']:.4f}, "
+            f"top5 {metrics['top5']:.4f} over {metrics['num_examples']} examples")
+
+
+def _short(value: Any) -> str:
+    return f'{value:.4g}' if isinstance(value, float) else str(value)
+
+
+class Profiler:
+    """Writes a trace of `profile_num_steps` steps from `profile_start_step` (TensorBoard)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: epath.Path):
+        self.start = config.profile_start_step
+        self.stop = config.profile_start_step + config.profile_num_steps
+        self.directory = workdir / 'profile'
+        self.running = False
+
+    def before_step(self, step: int) -> None:
+        if self.start >= 0 and step == self.start:
+            jax.profiler.start_trace(str(self.directory))
+            self.running = True
+
+    def after_step(self, step: int) -> None:
+        if self.running and step >= self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running = False
