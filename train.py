@@ -5,7 +5,7 @@
 Running the same command again resumes from the newest checkpoint in --workdir.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from resnet_flax import cli
@@ -23,7 +23,6 @@ def main(argv):
     cli.setup(FLAGS)
     from resnet_flax import train
 
-    logging.info('Config:\n%s', FLAGS.config)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -55,10 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_split = 'test'  # imagenet2012 calls it 'validation'; a train slice: 'train[99%:]'
     data.image_size = 224  # train and eval crop size
     data.download = False  # True lets TFDS download and prepare a missing data set (not imagenet)
-    # image_folder with no eval_split folder: hold out this fraction of each class (seeded by
-    # holdout_seed, fixed across runs) as the eval split. 0 = the eval folder must exist.
+    # image_folder: > 0 holds out this fraction of each class of the train folder (fixed by
+    # holdout_seed) as the eval split; 0 = the eval_split folder must exist.
     data.holdout_fraction = 0.0
     data.holdout_seed = 0
+    # image_folder: open every file once (JPEGs at 1/8 scale) when indexing, so corrupt ones
+    # are skipped and counted instead of failing mid-epoch. False only checks the headers.
+    data.verify_images = True
 
     # Normalisation in [0, 1] pixel units; () = the data set's own: ImageNet's statistics for
     # imagenet2012, image folders and other TFDS sets, CIFAR's for cifar10/100, the train

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.num_epochs = 30
     config.optimizer.learning_rate = 0.4  # per 256 images: 0.1 at batch 64
+    config.optimizer.warmup_epochs = 1.0
     config.log_every_steps = 20
     config.eval_every_epochs = 5
     config.checkpoint_every_steps = 200

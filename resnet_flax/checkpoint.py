@@ -53,9 +53,8 @@ def create_manager(
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(
-        epath.Path(directory), item_names=('state', 'meta'), options=options
-    )
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers)
 
 
 def code_version() -> str:
@@ -95,10 +94,22 @@ def save(
     )
 
 
+def _path_name(path: tuple) -> str:
+    """'params/stage1_block1/conv1/kernel', the same for dicts, dataclasses and tuples."""
+    parts = []
+    for key in path:
+        for attribute in ('key', 'name', 'idx'):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+    return '/'.join(parts)
+
+
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    tree = getattr(tree, 'tree', tree)  # orbax's TreeMetadata wraps the saved tree
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {
-        jax.tree_util.keystr(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+        _path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
         for path, leaf in flat
         if leaf is not None
     }
@@ -160,8 +171,9 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree) -> PyTree | N
             raise
         except Exception as error:  # noqa: BLE001 - any read failure means "unreadable"
             moved = _quarantine(manager, step)
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             logging.warning('Checkpoint step %d is unreadable (%s); moved to %s.',
-                            step, str(error).splitlines()[0][:200], moved)
+                            step, reason, moved)
             print(f'Checkpoint at step {step} is unreadable; moved it to {moved} and '
                   'resuming from the previous one.', flush=True)
     return None

@@ -22,6 +22,8 @@ def define_distributed_flags() -> None:
 
 def setup(flag_values: flags.FlagValues) -> None:
     """Distributed runtime first (before any device is touched), then the compilation cache."""
+    if not flag_values['verbosity'].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO; -v 0 restores
     from resnet_flax import sharding
 
     sharding.initialize_distributed(
@@ -40,7 +42,7 @@ def run(main: Callable[[list[str]], None]) -> None:
         try:
             main(argv)
         except _USER_ERRORS as error:
-            logging.info('Stopped by error', exc_info=True)
+            logging.vlog(1, 'Stopped by error', exc_info=True)
             print(f'Error: {error}', file=sys.stderr, flush=True)
             sys.exit(1)
 

@@ -148,7 +148,8 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = blocks.stem(x, kind=self.stem, width=self.stem_width, conv=conv, norm=norm, act=act,
                         preactivation=self.preactivation)
-        for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths), start=1):
+        stages = zip(self.stage_sizes, self.stage_widths, strict=True)
+        for i, (size, width) in enumerate(stages, start=1):
             features, inner = self.block_widths(width)
             for j in range(1, size + 1):
                 x = block_cls(

@@ -45,23 +45,25 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == hard_labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def _loss_and_updates(model: nn.Module, params, batch_stats, batch: Batch, cfg: StepConfig):
+def _loss_and_updates(model: nn.Module, params, batch_stats, batch: Batch, cfg: StepConfig,
+                      poison: jax.Array):
     logits, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats},
         batch['image'],
         train=True,
         mutable=['batch_stats'],
     )
-    loss = jnp.mean(cross_entropy(logits, batch['label'], cfg.label_smoothing))
+    loss = jnp.mean(cross_entropy(logits, batch['label'], cfg.label_smoothing)) * poison
     top1 = jnp.mean(correct_topk(logits, batch['label'], 1))
     return loss, (updates['batch_stats'], top1)
 
 
-def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_sharding):
+def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_sharding,
+               poison: jax.Array):
     """Mean loss gradient over the batch, in `grad_accum_steps` sequential micro-batches."""
     grad_fn = jax.value_and_grad(_loss_and_updates, argnums=1, has_aux=True)
     if cfg.grad_accum_steps == 1:
-        (loss, (batch_stats, top1)), grads = grad_fn(model, params, batch_stats, batch, cfg)
+        (loss, (batch_stats, top1)), grads = grad_fn(model, params, batch_stats, batch, cfg, poison)
         return loss, top1, batch_stats, grads
 
     k = cfg.grad_accum_steps
@@ -76,7 +78,7 @@ def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_
     def accumulate(carry, micro):
         grads_sum, loss_sum, top1_sum, stats = carry
         micro = jax.lax.with_sharding_constraint(micro, batch_sharding)
-        (loss, (stats, top1)), grads = grad_fn(model, params, stats, micro, cfg)
+        (loss, (stats, top1)), grads = grad_fn(model, params, stats, micro, cfg, poison)
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
         return (grads_sum, loss_sum + loss, top1_sum + top1, stats), None
 
@@ -102,11 +104,10 @@ def train_step(
     batch_sharding: NamedSharding | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on one global batch. Returns the new state and scalar metrics."""
-    if cfg.debug_nan_at_step >= 0:
-        poison = jnp.where(state.step == cfg.debug_nan_at_step, jnp.nan, 1.0)
-        batch = {**batch, 'image': batch['image'] * poison}
+    # 1.0, except at the test-only debug step, where it makes the loss (and gradients) NaN.
+    poison = jnp.where(state.step == cfg.debug_nan_at_step, jnp.nan, 1.0)
     loss, top1, batch_stats, grads = _gradients(
-        model, state.params, state.batch_stats, batch, cfg, batch_sharding
+        model, state.params, state.batch_stats, batch, cfg, batch_sharding, poison
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

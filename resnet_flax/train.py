@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 
 from resnet_flax import checkpoint, data, evaluate, models, optim, sharding, steps
@@ -188,9 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_checkpoint = manager.latest_step()
     if start_step:
         progress.write(f'Resumed from step {start_step} in {workdir}.')
-    logging.info('Training %d steps (%d per epoch) on %d devices in %d processes.',
-                 schedule.total_steps, schedule.steps_per_epoch, jax.device_count(),
-                 jax.process_count())
+    progress.write(f'Training to step {schedule.total_steps} ({schedule.steps_per_epoch} per '
+                   f'epoch) on {jax.device_count()} devices in {jax.process_count()} processes.')
 
     batches = _train_batches(config, schedule, start_step, mesh)
     window: list[dict[str, jax.Array]] = []

@@ -1,0 +1,32 @@
+"""ResNet-20 on CIFAR-10 (He et al. 2015, section 4.2): the recipe the CIFAR configs share.
+
+    python train.py --config=configs/cifar.py --workdir=DIR
+
+The paper's CIFAR nets: a 3x3 stem of width 16, three stages of n basic blocks of widths
+16/32/64 (6n+2 layers), option-A shortcuts (parameter-free: strided identity, zero-padded
+channels), global average pool, 10-way dense layer. Basic blocks stride their first 3x3 conv;
+the v1/v1.5 stride placement only concerns bottlenecks. ResNet-20 has 0.27M parameters.
+Training as in the paper: SGD with momentum, learning rate 0.1 at batch 128, ~64k iterations.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base.get_config()
+    config.data.dataset = 'cifar10'
+    config.data.train_split = 'train'
+    config.data.eval_split = 'test'
+    config.data.image_size = 32
+
+    config.model.family = 'cifar'
+    config.model.depth = 20
+    config.model.num_classes = 10
+    config.model.shortcut = 'A'
+
+    config.batch_size = 128
+    config.num_epochs = 180.0  # the paper's 64k iterations at batch 128 are ~164 epochs
+    config.optimizer.learning_rate = 0.2  # per 256 images: 0.1 at batch 128
+    return config

@@ -1,0 +1,18 @@
+"""ResNet-18 (11.7M parameters, 1.81G multiply-accumulates at 224) on ImageNet.
+
+    python train.py --config=configs/resnet18.py --workdir=DIR
+
+Basic blocks (two 3x3 convs), so the stride placement does not apply: a downsampling block
+strides its first 3x3 conv, as in the paper and torchvision. Option-B shortcuts (projection only
+where the shape changes), as torchvision.
+"""
+
+import ml_collections
+
+from configs import imagenet
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = imagenet.get_config()
+    config.model.depth = 18
+    return config

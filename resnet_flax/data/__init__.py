@@ -1,0 +1,77 @@
+"""Input pipelines: one interface over TFDS data sets, image folders, digits and synthetic data.
+
+    info = get_info(config.data)  # cheap; a missing data set fails here
+    for batch in train_batches(config.data, global_batch_size=256, seed=0, start_step=0,
+                               process_index=0, process_count=1): ...
+    for batch in eval_batches(config.data, global_batch_size=256,
+                              process_index=0, process_count=1): ...
+
+Batches are dicts of numpy arrays holding this process's slice of the global batch:
+'image' float32 [B_local, H, W, 3] normalised, 'label' int32 [B_local] (float32
+[B_local, num_classes] with mixup/cutmix), and for eval 'mask' bool [B_local].
+B_local = global_batch_size // process_count. The train order is a pure function of
+(seed, epoch, process); `start_step` resumes without decoding the skipped batches.
+
+TensorFlow is imported only by the TFDS and image-folder sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from resnet_flax.data import info as info_lib
+from resnet_flax.data.info import DatasetInfo
+
+__all__ = ['DatasetInfo', 'eval_batches', 'get_info', 'train_batches']
+
+Batch = dict[str, np.ndarray]
+
+
+def _source(data_cfg):
+    """The module that implements `data_cfg.dataset`; only TF sources import TensorFlow."""
+    name = data_cfg.dataset
+    if name == 'digits':
+        from resnet_flax.data import digits as source
+    elif name == 'synthetic':
+        from resnet_flax.data import synthetic as source
+    elif name == 'image_folder':
+        from resnet_flax.data import image_folder as source
+    else:
+        from resnet_flax.data import tfds_source as source
+    return source
+
+
+def get_info(data_cfg) -> DatasetInfo:
+    """Sizes, classes and image shape; validates the config and fails early if data is missing."""
+    info_lib.validate(data_cfg)
+    return _source(data_cfg).get_info(data_cfg)
+
+
+def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+    """Infinite iterator over this process's slices of the global train batches."""
+    info_lib.validate(data_cfg)
+    info_lib.check_process(process_index, process_count)
+    info_lib.local_batch_size(global_batch_size, process_count)
+    if start_step < 0:
+        raise ValueError(f'start_step={start_step} must be >= 0.')
+    return _source(data_cfg).train_batches(
+        data_cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+        process_index=process_index, process_count=process_count)
+
+
+def eval_batches(data_cfg, *, global_batch_size: int, split: str | None = None,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+    """One pass over `split` (default data.eval_split); every batch carries 'mask'.
+
+    Every process yields the same number of batches, and over all processes each example
+    appears exactly once with mask True.
+    """
+    info_lib.validate(data_cfg)
+    info_lib.check_process(process_index, process_count)
+    info_lib.local_batch_size(global_batch_size, process_count)
+    return _source(data_cfg).eval_batches(
+        data_cfg, global_batch_size=global_batch_size, split=split or data_cfg.eval_split,
+        process_index=process_index, process_count=process_count)

@@ -1,0 +1,190 @@
+"""tf.data pieces shared by the TFDS and image-folder sources.
+
+Import lazily: this module imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from resnet_flax.data import info as info_lib
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+import tensorflow as tf  # noqa: E402
+
+from resnet_flax.data import augment, preprocess  # noqa: E402
+
+# TensorFlow must leave the accelerators to JAX.
+tf.config.set_visible_devices([], 'GPU')
+
+Batch = dict[str, np.ndarray]
+
+
+def options(data_cfg) -> tf.data.Options:
+    """Deterministic order, a private thread pool and a RAM cap, all from the config."""
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.threading.private_threadpool_size = int(data_cfg.threadpool_size) or os.cpu_count()
+    opts.threading.max_intra_op_parallelism = 1  # parallelism comes from map, not from ops
+    opts.autotune.enabled = True
+    if data_cfg.ram_budget_gb > 0:
+        opts.autotune.ram_budget = int(data_cfg.ram_budget_gb * 2**30)
+    return opts
+
+
+def parallel_calls(data_cfg) -> int:
+    calls = int(data_cfg.num_parallel_calls)
+    return tf.data.AUTOTUNE if calls < 0 else max(calls, 1)
+
+
+def prefetch(data_cfg) -> int:
+    batches = int(data_cfg.prefetch_batches)
+    return tf.data.AUTOTUNE if batches < 0 else batches
+
+
+def stream_seed(*keys: int) -> int:
+    """An int64 seed for tf from integer keys (e.g. seed, epoch, process)."""
+    return int(info_lib.rng(*keys).integers(0, 2**62))
+
+
+def example_seed(stream: int, position: tf.Tensor) -> tf.Tensor:
+    """[2] int64 stateless seed of the example at `position` of a seeded stream."""
+    return tf.stack([tf.constant(stream, tf.int64), tf.cast(position, tf.int64)])
+
+
+def _resize_to(image: tf.Tensor, size: int, data_cfg) -> tf.Tensor:
+    """float32 [size, size, 3]; images already that size pass through untouched."""
+    same = tf.reduce_all(tf.shape(image)[:2] == size)
+    return tf.cond(
+        same,
+        lambda: tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32),
+        lambda: preprocess.resize(image, size, data_cfg.resize_method, data_cfg.antialias))
+
+
+def train_example_fn(data_cfg, crop: str, mean, std) -> Callable:
+    """(encoded bytes, label, seed [2]) -> (float32 [S, S, 3] normalised, int32 label)."""
+    size = int(data_cfg.image_size)
+
+    def fn(encoded, label, seed):
+        crop_seed, flip_seed, augment_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, 3))
+        if crop == 'inception':
+            image = preprocess.inception_crop(
+                encoded, crop_seed, size, area_range=tuple(data_cfg.inception_area_range),
+                aspect_range=tuple(data_cfg.inception_aspect_range),
+                method=data_cfg.resize_method, antialias=data_cfg.antialias)
+        else:
+            image = _resize_to(preprocess.decode(encoded), size, data_cfg)
+            if crop == 'pad':
+                image = preprocess.pad_crop(image, crop_seed, int(data_cfg.crop_padding))
+        image = tf.ensure_shape(image, [size, size, 3])
+        if data_cfg.random_flip:
+            image = preprocess.random_flip(image, flip_seed)
+        if data_cfg.auto_augment:
+            image = augment.apply(preprocess.to_uint8(image), augment_seed, data_cfg)
+        return preprocess.normalize(image, mean, std), tf.cast(label, tf.int32)
+
+    return fn
+
+
+def eval_example_fn(data_cfg, crop: str, mean, std) -> Callable:
+    """(encoded bytes, label) -> (float32 [S, S, 3] normalised, int32 label)."""
+    size = int(data_cfg.image_size)
+
+    def fn(encoded, label):
+        if crop == 'center':
+            image = preprocess.center_crop(
+                encoded, size, crop_fraction=float(data_cfg.eval_crop_fraction),
+                method=data_cfg.resize_method, antialias=data_cfg.antialias)
+        else:
+            image = _resize_to(preprocess.decode(encoded), size, data_cfg)
+        image = tf.ensure_shape(image, [size, size, 3])
+        return preprocess.normalize(image, mean, std), tf.cast(label, tf.int32)
+
+    return fn
+
+
+def batch_train(ds: tf.data.Dataset, data_cfg, *, local_batch: int, num_classes: int,
+                mix_stream: int, first_step: int) -> tf.data.Dataset:
+    """Batches (image, label) pairs into dicts; Mixup/CutMix keyed by the global step."""
+    ds = ds.batch(local_batch, drop_remainder=True, num_parallel_calls=parallel_calls(data_cfg))
+    if data_cfg.mixup_alpha > 0 or data_cfg.cutmix_alpha > 0:
+        def mix(step, batch):
+            images, labels = augment.mix_batch(
+                batch[0], batch[1], example_seed(mix_stream, step), data_cfg, num_classes)
+            return images, labels
+
+        ds = ds.enumerate(start=first_step).map(mix, num_parallel_calls=parallel_calls(data_cfg))
+    return ds.map(lambda image, label: {'image': image, 'label': label})
+
+
+def pad_eval(ds: tf.data.Dataset, data_cfg, *, count: int, num_batches: int,
+             local_batch: int) -> tf.data.Dataset:
+    """Appends masked zero examples so this process yields exactly `num_batches` batches."""
+    size = int(data_cfg.image_size)
+    ds = ds.map(lambda image, label: (image, label, True))
+    total = num_batches * local_batch
+    padding = tf.data.Dataset.from_tensors(
+        (tf.zeros([size, size, 3], tf.float32), tf.constant(0, tf.int32), False))
+    ds = ds.concatenate(padding.repeat(max(total - count, 0))).take(total)
+    ds = ds.batch(local_batch)
+    return ds.map(lambda image, label, mask: {'image': image, 'label': label, 'mask': mask})
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
+    return ds.as_numpy_iterator()
+
+
+class _Background:
+    """Runs fn(*args) on a daemon thread (nothing to shut down at exit); result() joins."""
+
+    def __init__(self, fn: Callable, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                        name='next-epoch')
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as error:  # re-raised in the consumer by result()
+            self._error = error
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def chain_epochs(make_epoch: Callable[[int, int], tf.data.Dataset], first_epoch: int,
+                 first_offset: int, steps_per_epoch: int, lookahead: int) -> Iterator[Batch]:
+    """Yields the batches of epochs first_epoch, first_epoch + 1, ... forever.
+
+    make_epoch(epoch, skip_batches) builds one epoch's pipeline. The next epoch is built and
+    its first batch fetched on a helper thread `lookahead` batches before the current epoch
+    ends, so its shuffle buffer fills while the trainer still has batches.
+    """
+    lookahead = max(lookahead, 1)
+
+    def start(epoch: int, skip: int):
+        iterator = as_numpy(make_epoch(epoch, skip))
+        return iterator, next(iterator)
+
+    upcoming = _Background(start, first_epoch, first_offset)
+    epoch, offset = first_epoch, first_offset
+    while True:
+        iterator, batch = upcoming.result()
+        remaining = steps_per_epoch - offset  # batches of this epoch, `batch` included
+        for left in range(remaining, 0, -1):
+            if left == min(lookahead, remaining):
+                upcoming = _Background(start, epoch + 1, 0)
+            yield batch
+            if left > 1:
+                batch = next(iterator)
+        epoch, offset = epoch + 1, 0
