@@ -13,6 +13,10 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # Start a fresh run from these weights: a checkpoint directory written by train.py or by
+    # `python -m resnet_flax.convert` (pretrained PyTorch weights). A head of another size is
+    # re-initialised. Ignored when the workdir already has a checkpoint (that run resumes).
+    config.init_from = ''
 
     # ---- Model: the ResNet family (resnet_flax/models.py). '' / () / 0 mean "as the family says".
     config.model = model = ml_collections.ConfigDict()

@@ -2,11 +2,11 @@
 
     python train.py --config=configs/resnet200.py --workdir=DIR
 
-Bottleneck blocks with the 'v1.5' stride placement (stride on the 3x3 conv): what
-torchvision trains, so parameters map 1:1 onto its checkpoints, and ~0.5% better top-1 than the
-paper's 'v1' (stride on the first 1x1) for a few % more MACs.
-`--config.model.stride_placement=v1` gives the paper's network.
-Set `--config.model.preactivation=True` for the pre-activation network of the paper.
+Bottleneck blocks with the 'v1.5' stride placement (stride on the 3x3 conv), as the other
+ImageNet configs (torchvision/NVIDIA's placement, ~0.5% better top-1 than the paper's 'v1' for a
+few % more MACs; 15.0G MACs at 224). The 2016 paper trained this depth with pre-activation
+blocks: add `--config.model.preactivation=True` for that network, and
+`--config.model.stride_placement=v1` for the paper's stride placement.
 """
 
 import ml_collections

@@ -121,8 +121,9 @@ class ResNet(nn.Module):
     def block_widths(self, stage_width: int) -> tuple[int, int]:
         """(output width, inner width) of the blocks of a stage with this base width."""
         if self.block == 'basic':  # Wide ResNet widens both 3x3 convs
-            width = stage_width * self.width_multiplier
-            return _exact_int(width, 'stage width x width_multiplier'), _exact_int(width, '')
+            width = _exact_int(stage_width * self.width_multiplier,
+                               'stage width x width_multiplier')
+            return width, width
         per_group = stage_width * self.width_multiplier * self.base_width / 64
         per_group = _exact_int(per_group, 'stage width x width_multiplier x base_width / 64')
         return stage_width * self.expansion, per_group * self.groups

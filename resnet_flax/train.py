@@ -167,6 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = create_train_state(
             model, optimizer, jax.random.PRNGKey(config.seed), info.image_shape, use_ema, mesh
         )
+        if config.init_from:
+            from resnet_flax import finetune
+
+            state = finetune.initialize_from(state, config.init_from, optimizer)
     start_step = int(state.step)
     _save_config(config, workdir)
 

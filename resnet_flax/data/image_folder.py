@@ -194,7 +194,9 @@ def _pil_to_png(encoded: bytes) -> bytes:
 
 def _loader(split: Split):
     """index -> (encoded bytes TF can decode, label)."""
-    import tensorflow as tf
+    from resnet_flax.data import tf_pipeline
+
+    tf = tf_pipeline.tf
 
     paths = tf.constant(split.paths)
     labels = tf.constant(split.labels)
@@ -221,7 +223,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
                   process_index: int, process_count: int):
     from resnet_flax.data import tf_pipeline
 
-    import tensorflow as tf
+    tf = tf_pipeline.tf
 
     split = _split(data_cfg, data_cfg.train_split)
     num_classes = len(index(data_cfg).classes)
@@ -251,7 +253,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         positions = tf.reshape(
             steps + process_index * local + tf.range(local, dtype=tf.int64)[None], [-1])
         ds = tf.data.Dataset.from_tensor_slices((mine, positions))
-        ds = ds.skip(tf.where(epoch == first_epoch, offset * local, 0))
+        ds = ds.skip(tf.where(epoch == first_epoch, tf.constant(offset * local, tf.int64), 0))
         return ds.map(lambda i, position: (i, epoch, position))
 
     def load_example(i, epoch, position):
@@ -274,7 +276,7 @@ def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index:
                  process_count: int):
     from resnet_flax.data import tf_pipeline
 
-    import tensorflow as tf
+    tf = tf_pipeline.tf
 
     found = _split(data_cfg, split)
     total, local = len(found.paths), info_lib.local_batch_size(global_batch_size, process_count)

@@ -166,24 +166,25 @@ def chain_epochs(make_epoch: Callable[[int, int], tf.data.Dataset], first_epoch:
                  first_offset: int, steps_per_epoch: int, lookahead: int) -> Iterator[Batch]:
     """Yields the batches of epochs first_epoch, first_epoch + 1, ... forever.
 
-    make_epoch(epoch, skip_batches) builds one epoch's pipeline. The next epoch is built and
-    its first batch fetched on a helper thread `lookahead` batches before the current epoch
-    ends, so its shuffle buffer fills while the trainer still has batches.
+    make_epoch(epoch, skip_batches) builds one epoch's pipeline (on this thread: TFDS builders
+    are not thread-safe). The next epoch's first batch is fetched on a helper thread
+    `lookahead` batches before the current epoch ends, so its shuffle buffer fills while the
+    trainer still has batches.
     """
     lookahead = max(lookahead, 1)
 
-    def start(epoch: int, skip: int):
-        iterator = as_numpy(make_epoch(epoch, skip))
+    def first_batch(ds: tf.data.Dataset):
+        iterator = as_numpy(ds)
         return iterator, next(iterator)
 
-    upcoming = _Background(start, first_epoch, first_offset)
+    upcoming = _Background(first_batch, make_epoch(first_epoch, first_offset))
     epoch, offset = first_epoch, first_offset
     while True:
         iterator, batch = upcoming.result()
         remaining = steps_per_epoch - offset  # batches of this epoch, `batch` included
         for left in range(remaining, 0, -1):
             if left == min(lookahead, remaining):
-                upcoming = _Background(start, epoch + 1, 0)
+                upcoming = _Background(first_batch, make_epoch(epoch + 1, 0))
             yield batch
             if left > 1:
                 batch = next(iterator)

@@ -1,0 +1,225 @@
+"""The TFDS source on real builders: imagenet2012 prepared from tiny ILSVRC2012 archives, and
+CIFAR-10 under tfds.testing.mock_data."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import configs.base
+from resnet_flax import data
+from resnet_flax.data import info as info_lib
+from tests.imagenet_fixture import make_imagenet
+
+tfds = pytest.importorskip('tensorflow_datasets')
+
+NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 4, 2
+NUM_TRAIN, NUM_VAL = NUM_CLASSES * TRAIN_PER_CLASS, NUM_CLASSES * VAL_PER_CLASS
+IDENTITY = {'mean_rgb': (0.0,) * 3, 'std_rgb': (1.0,) * 3}  # images come out as x / 255
+
+
+@pytest.fixture(scope='module')
+def imagenet_dir(tmp_path_factory):
+    return make_imagenet(tmp_path_factory.mktemp('imagenet'), num_classes=NUM_CLASSES,
+                         train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
+                         image_size=(40, 48))
+
+
+def imagenet_config(data_dir, **overrides):
+    cfg = configs.base.get_config().data
+    cfg.update(dataset='imagenet2012', data_dir=data_dir, eval_split='validation',
+               image_size=24, shuffle_buffer_size=64, threadpool_size=2)
+    cfg.update(overrides)
+    return cfg
+
+
+def take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def train(cfg, n, **kwargs):
+    return take(data.train_batches(cfg, **{'global_batch_size': 4, 'seed': 0, **kwargs}), n)
+
+
+def fingerprints(images):
+    """One hashable key per image, for set comparisons."""
+    return [bytes(np.round(image * 255).astype(np.uint8)) for image in images]
+
+
+def test_imagenet_info_from_the_real_builder(imagenet_dir):
+    info = data.get_info(imagenet_config(imagenet_dir))
+    assert (info.num_train_examples, info.num_eval_examples) == (NUM_TRAIN, NUM_VAL)
+    assert info.num_classes == 1000 and len(info.label_names) == 1000
+    assert info.label_names[0] == 'n01440764'  # the first ImageNet synset
+    assert info.image_shape == (24, 24, 3)
+
+
+def test_imagenet_train_batches_shapes_dtypes_and_labels(imagenet_dir):
+    cfg = imagenet_config(imagenet_dir)
+    batches = train(cfg, 3)  # one epoch: 12 // 4 steps
+    builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
+    expected = sorted(int(ex['label']) for ex in tfds.as_numpy(builder.as_dataset('train')))
+    assert sorted(np.concatenate([b['label'] for b in batches]).tolist()) == expected
+    for batch in batches:
+        assert batch['image'].shape == (4, 24, 24, 3) and batch['image'].dtype == np.float32
+        assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
+
+
+def test_imagenet_eval_is_the_centre_crop_of_each_validation_image(imagenet_dir):
+    """Compared with PIL: decode, centre square of 0.875 of the short side, resize."""
+    from PIL import Image
+
+    cfg = imagenet_config(imagenet_dir, **IDENTITY)
+    batches = list(data.eval_batches(cfg, global_batch_size=4))
+    ours = np.concatenate([b['image'][b['mask']] for b in batches]) * 255
+    builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
+    examples = builder.as_dataset('validation', decoders={'image': tfds.decode.SkipDecoding()})
+    for image, example in zip(ours, tfds.as_numpy(examples), strict=True):
+        with Image.open(__import__('io').BytesIO(example['image'])) as pil:
+            side = int(0.875 * min(pil.size))
+            left, top = (pil.width - side + 1) // 2, (pil.height - side + 1) // 2
+            reference = pil.crop((left, top, left + side, top + side)).resize(
+                (24, 24), Image.Resampling.BILINEAR)
+        # Different JPEG decoders (libjpeg-turbo fast DCT vs PIL) and resamplers: close, not equal.
+        assert np.abs(image - np.asarray(reference, np.float32)).mean() < 4
+
+
+def test_imagenet_default_normalisation_is_imagenet_statistics(imagenet_dir):
+    plain = np.concatenate([b['image'] for b in data.eval_batches(
+        imagenet_config(imagenet_dir, **IDENTITY), global_batch_size=6)])
+    normalised = np.concatenate([b['image'] for b in data.eval_batches(
+        imagenet_config(imagenet_dir), global_batch_size=6)])
+    mean, std = np.array(info_lib.IMAGENET_MEAN), np.array(info_lib.IMAGENET_STD)
+    np.testing.assert_allclose(normalised, (plain - mean) / std, atol=1e-5)
+
+
+def test_same_seed_same_order_other_seed_differs(imagenet_dir):
+    cfg = imagenet_config(imagenet_dir, auto_augment='randaugment')
+    first, again, other = train(cfg, 2), train(cfg, 2), train(cfg, 2, seed=1)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a['image'], b['image'])
+        np.testing.assert_array_equal(a['label'], b['label'])
+    assert not np.array_equal(first[0]['image'], other[0]['image'])
+
+
+@pytest.mark.parametrize('start_step', [2, 4])  # inside the first epoch, inside the second
+def test_resumed_iterator_continues_where_it_stopped(imagenet_dir, start_step):
+    cfg = imagenet_config(imagenet_dir, mixup_alpha=0.2)  # mixing must be reproduced too
+    full = train(cfg, start_step + 2)
+    resumed = train(cfg, 2, start_step=start_step)
+    for a, b in zip(full[start_step:], resumed, strict=True):
+        np.testing.assert_array_equal(a['image'], b['image'])
+        np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_epochs_differ_in_order(imagenet_dir):
+    cfg = imagenet_config(imagenet_dir, train_crop='none', random_flip=False)
+    batches = train(cfg, 6)
+    epoch0, epoch1 = (fingerprints(np.concatenate([b['image'] for b in batches[i:i + 3]]))
+                      for i in (0, 3))
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+
+
+@pytest.mark.parametrize('process_count', [2, 3])
+def test_train_shares_are_disjoint_and_cover_the_split(imagenet_dir, process_count):
+    """Deterministic recipe, so every image can be recognised by its pixels."""
+    cfg = imagenet_config(imagenet_dir, train_crop='none', random_flip=False,
+                          eval_crop='resize')
+    everything = fingerprints(np.concatenate(
+        [b['image'] for b in data.eval_batches(cfg, global_batch_size=4, split='train')]))
+    global_batch = 2 * process_count if process_count == 2 else process_count
+    steps = NUM_TRAIN // global_batch
+    seen = []
+    for p in range(process_count):
+        batches = train(cfg, steps, global_batch_size=global_batch, process_index=p,
+                        process_count=process_count)
+        seen.extend(fingerprints(np.concatenate([b['image'] for b in batches])))
+    assert sorted(seen) == sorted(everything)  # disjoint (no repeats) and covering
+
+
+@pytest.mark.parametrize('process_count, global_batch', [(1, 4), (2, 4), (3, 3), (3, 6)])
+def test_eval_counts_each_example_once_across_processes(imagenet_dir, process_count,
+                                                        global_batch):
+    cfg = imagenet_config(imagenet_dir, **IDENTITY)
+    single = np.concatenate([b['image'] for b in data.eval_batches(cfg, global_batch_size=6)])
+    per_process = [list(data.eval_batches(cfg, global_batch_size=global_batch, process_index=p,
+                                          process_count=process_count))
+                   for p in range(process_count)]
+    assert len({len(batches) for batches in per_process}) == 1
+    batches = [b for process in per_process for b in process]
+    assert all(b['image'].shape[0] == global_batch // process_count for b in batches)
+    assert sum(int(b['mask'].sum()) for b in batches) == NUM_VAL
+    masked = np.concatenate([b['image'][b['mask']] for b in batches])
+    assert sorted(fingerprints(masked)) == sorted(fingerprints(single))
+    padding = np.concatenate([b['image'][~b['mask']] for b in batches])
+    assert not padding.any()
+
+
+def test_unprepared_imagenet_says_where_and_how_in_one_line(tmp_path):
+    cfg = imagenet_config(str(tmp_path / 'empty'))
+    with pytest.raises(FileNotFoundError) as error:
+        data.get_info(cfg)
+    message = str(error.value)
+    assert '\n' not in message
+    assert str(tmp_path / 'empty' / 'imagenet2012') in message  # where TFDS looked
+    assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
+    assert f'tfds build imagenet2012 --data_dir={tmp_path / "empty"}' in message
+
+
+def test_unknown_dataset_and_split_fail_in_one_line(imagenet_dir):
+    with pytest.raises(ValueError, match="'no_such_set' is neither") as error:
+        data.get_info(imagenet_config(imagenet_dir, dataset='no_such_set'))
+    assert '\n' not in str(error.value)
+    with pytest.raises(ValueError, match="no split 'test'.*'validation'"):
+        data.get_info(imagenet_config(imagenet_dir, eval_split='test'))
+
+
+# ---- CIFAR-10 under mock_data: the real builder's features, generated examples.
+
+def cifar_config(**overrides):
+    cfg = configs.base.get_config().data
+    # download=True only reaches the mocked (no-op) download_and_prepare.
+    cfg.update(dataset='cifar10', data_dir='/nonexistent', download=True, image_size=32,
+               shuffle_buffer_size=64, threadpool_size=2)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture()
+def mock_cifar():
+    with tfds.testing.mock_data(num_examples=20):
+        builder = tfds.builder('cifar10')
+        raw = [ex['image'] for ex in tfds.as_numpy(builder.as_dataset(split='train'))]
+        yield np.stack(raw)
+
+
+def test_cifar_mock_info_counts_the_examples(mock_cifar):
+    info = data.get_info(cifar_config())
+    assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 20, 20)
+
+
+def _crop(padded, y, x, flip):
+    crop = padded[y:y + 32, x:x + 32]
+    return crop[:, ::-1] if flip else crop
+
+
+def test_cifar_train_is_a_pad4_crop_and_flip_of_an_original(mock_cifar):
+    batches = train(cifar_config(**IDENTITY), 2, global_batch_size=8)
+    originals = [np.pad(image, ((4, 4), (4, 4), (0, 0))) for image in mock_cifar]
+    shifts_seen, flips_seen = set(), 0
+    for image in np.concatenate([b['image'] for b in batches]):
+        pixels = np.round(image * 255).astype(np.uint8)
+        matches = [(y, x, flip) for padded in originals for y in range(9) for x in range(9)
+                   for flip in (False, True)
+                   if np.array_equal(pixels, _crop(padded, y, x, flip))]
+        assert matches, 'not a padded crop (or its mirror) of any example'
+        shifts_seen.add(matches[0][:2])
+        flips_seen += matches[0][2]
+    assert len(shifts_seen) > 1 and 0 < flips_seen < 16
+
+
+def test_cifar_eval_is_the_unchanged_image_with_cifar_statistics(mock_cifar):
+    batch = next(data.eval_batches(cifar_config(), global_batch_size=20))
+    mean, std = np.array(info_lib.CIFAR10_MEAN), np.array(info_lib.CIFAR10_STD)
+    np.testing.assert_allclose(batch['image'], (mock_cifar / 255 - mean) / std, atol=1e-5)
+    assert batch['mask'].all()
