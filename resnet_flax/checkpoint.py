@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state: asynchronous saves, safe restores.
 
 Layout under `<workdir>/checkpoints/<step>/`: `state` (the TrainState as sharded arrays) and
-`meta` (JSON: the config, the code version, the step). Orbax writes each step to a temporary
-directory and renames it when complete, so a killed save never looks like a checkpoint.
+`meta` (JSON: the config, the code version, the step, and a checksum of every array). Orbax
+writes each step to a temporary directory and renames it when complete, so a killed save never
+looks like a checkpoint; temporary directories left by killed saves are removed on the next
+start. A restore checks the arrays it read against the checksums saved with them, so a
+checkpoint damaged on disk is moved aside instead of silently resuming from wrong values.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -28,6 +32,10 @@ QUARANTINE_DIR = 'checkpoints_unreadable'
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model being restored."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint's files are missing or damaged."""
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -50,6 +58,7 @@ def create_manager(
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True,
+        cleanup_tmp_directories=not read_only,  # left by saves that a kill interrupted
         create=not read_only,
         read_only=read_only,
     )
@@ -85,6 +94,7 @@ def save(
         'code_version': code_version(),
         'saved_at': time.time(),
         'config': config.to_json_best_effort(),
+        'checksums': checksums(state),
     }
     manager.save(
         int(step),
@@ -92,6 +102,41 @@ def save(
         metrics=metrics,
         force=True,
     )
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as a flat uint32 vector (one word per element, two for 64-bit)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _array_checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+    """Per array: the wrapping uint32 sum of its words, and of its words times their position.
+
+    Integer sums do not depend on the order of the reduction, so they are exact on any device
+    count. The first catches any one changed word, the second most reorderings and
+    multi-word damage; together they miss random damage with odds of about 2**-64.
+    """
+    sums = []
+    for leaf in leaves:
+        words = _words(leaf)
+        position = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+        sums.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                               jnp.sum(words * position, dtype=jnp.uint32)]))
+    return sums
+
+
+def checksums(tree: PyTree) -> dict[str, list[int]]:
+    """'params/.../kernel' -> two uint32 checksums of the array's exact bits."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    values = jax.device_get(_array_checksums([leaf for _, leaf in flat]))
+    return {_path_name(path): [int(v) for v in value]
+            for (path, _), value in zip(flat, values, strict=True)}
 
 
 def _path_name(path: tuple) -> str:
@@ -137,20 +182,43 @@ def check_compatible(saved: PyTree, target: PyTree, where: str) -> None:
         )
 
 
+def _verify_checksums(state: PyTree, saved: dict[str, list[int]], where: str) -> None:
+    for name, value in checksums(state).items():
+        if saved.get(name) != value:
+            raise CheckpointCorruptError(
+                f'Checkpoint {where} is damaged: {name} does not match the checksum saved with it.'
+            )
+
+
 def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> PyTree:
-    """Restores `step` into `target`'s shapes and shardings (any device count)."""
+    """Restores `step` into `target`'s shapes and shardings (any device count).
+
+    Raises CheckpointMismatchError for a checkpoint of another model, CheckpointCorruptError (or
+    orbax's own read errors) for missing or damaged files.
+    """
     where = f'{manager.directory}/{step}'
-    check_compatible(manager.item_metadata(step)['state'], target, where)
+    saved = manager.item_metadata(step)['state']
+    if saved is None:
+        raise CheckpointCorruptError(f'Checkpoint {where} has no readable state metadata.')
+    check_compatible(saved, target, where)
     restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                meta=ocp.args.JsonRestore()),
     )
+    meta = restored['meta']
+    if not meta:  # save() always writes it: a checkpoint without it lost files
+        raise CheckpointCorruptError(f'Checkpoint {where} has no readable meta item.')
+    if 'checksums' in meta:  # checkpoints written before checksums existed are taken as they are
+        _verify_checksums(restored['state'], meta['checksums'], where)
     return restored['state']
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     """Moves an unreadable checkpoint aside (never deletes it) so that the step can be redone."""
     source = epath.Path(manager.directory) / str(step)
-    destination = epath.Path(manager.directory).parent / QUARANTINE_DIR / f'{step}-{time.time():.0f}'
+    quarantine = epath.Path(manager.directory).parent / QUARANTINE_DIR
+    destination = quarantine / f'{step}-{time.time():.0f}'
     if jax.process_index() == 0:
         destination.parent.mkdir(parents=True, exist_ok=True)
         source.rename(destination)

@@ -5,6 +5,7 @@ All side effects live here; the step itself (`steps.train_step`) is pure and jit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -18,7 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from resnet_flax import checkpoint, data, evaluate, models, optim, sharding, steps
+from resnet_flax import checkpoint, data, evaluate, models, optim, sharding, steps, workdir_lock
 from resnet_flax import metrics as metrics_lib
 from resnet_flax.state import TrainState, abstract_state, create_train_state
 
@@ -126,13 +127,51 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 def _check_finite(summary: dict[str, float], step: int, last_checkpoint: int | None) -> None:
-    if not math.isfinite(summary['loss']):
+    # A NaN gradient with a finite loss poisons the weights just as surely, and the next
+    # checkpoint would keep them: check both before anything is saved.
+    bad = next((name for name in ('loss', 'grad_norm')
+                if name in summary and not math.isfinite(summary[name])), None)
+    if bad is not None:
         kept = (f'the last checkpoint (step {last_checkpoint}) is intact'
                 if last_checkpoint is not None else 'no checkpoint was written')
+        what = 'loss' if bad == 'loss' else 'gradient norm'
         raise NonFiniteLossError(
-            f"Training loss is {summary['loss']} by step {step}; stopped, and {kept}. "
+            f'Training {what} is {summary[bad]} by step {step}; stopped, and {kept}. '
             'Lower optimizer.learning_rate or add warmup, then run the same command to resume.'
         )
+
+
+@contextlib.contextmanager
+def _workdir_locked(workdir: epath.Path):
+    """Process 0 holds the workdir lock; every process learns whether it got it."""
+    lock = workdir_lock.WorkdirLock(workdir)
+    refused = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except workdir_lock.WorkdirLockedError as error:
+            refused = error
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and not refused:
+            refused = workdir_lock.WorkdirLockedError(
+                f'Process 0 could not lock {workdir}; see its log.')
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _skipped_images(config: ml_collections.ConfigDict) -> int | None:
+    """Corrupt or unreadable files an image folder left out (found once, when indexing)."""
+    if config.data.dataset != 'image_folder':
+        return None
+    from resnet_flax.data import image_folder
+
+    return len(image_folder.index(config.data).skipped)
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -150,6 +189,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'config.model.num_classes={config.model.num_classes} but {config.data.dataset!r} '
             f'has {info.num_classes} classes; set --config.model.num_classes={info.num_classes}.'
         )
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _workdir_locked(workdir):
+        return _train_and_evaluate(config, workdir, info)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        info: data.DatasetInfo) -> dict[str, Any]:
     schedule = make_schedule(config, info.num_train_examples)
     mesh = sharding.create_mesh()
     model = models.from_config(config.model)
@@ -157,7 +203,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     optimizer = optim.create_optimizer(config, schedule.steps_per_epoch)
     use_ema = config.ema_decay > 0
 
-    workdir.mkdir(parents=True, exist_ok=True)
     manager = checkpoint.create_manager(
         checkpoint.checkpoint_dir(workdir), keep=config.keep_checkpoints
     )
@@ -189,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preemption = PreemptionWatcher()
     profiler = Profiler(config, workdir)
     last_checkpoint = manager.latest_step()
+    skipped_images = _skipped_images(config)
     if start_step:
         progress.write(f'Resumed from step {start_step} in {workdir}.')
     progress.write(f'Training to step {schedule.total_steps} ({schedule.steps_per_epoch} per '
@@ -204,7 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         while step < schedule.total_steps:
             if preemption.should_stop(manager, step):
-                checkpoint.save(manager, step, state, config)
+                if last_checkpoint != step:  # a step is saved once; orbax refuses a second save
+                    checkpoint.save(manager, step, state, config)
                 manager.wait_until_finished()
                 progress.write(f'Preempted: saved a checkpoint at step {step}; run the same '
                                'command to resume.')
@@ -221,6 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 elapsed = time.time() - window_start
                 train_summary = _mean_metrics(window)
                 train_summary['images_per_sec'] = len(window) * config.batch_size / elapsed
+                if skipped_images is not None:
+                    train_summary['skipped_images'] = skipped_images
                 if config.halt_on_nan:
                     _check_finite(train_summary, step, last_checkpoint)
                 writer.write(step, 'train', train_summary)

@@ -23,7 +23,8 @@ FILL = 128.0
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """PIL ImageEnhance: factor 0 gives `degenerate`, 1 the image, > 1 extrapolates."""
     degenerate, image = tf.cast(degenerate, tf.float32), tf.cast(image, tf.float32)
-    return tf.cast(tf.clip_by_value(degenerate + factor * (image - degenerate), 0, 255), tf.uint8)
+    blended = degenerate + factor * (image - degenerate)
+    return tf.cast(tf.clip_by_value(tf.round(blended), 0, 255), tf.uint8)
 
 
 def _gray(image: tf.Tensor) -> tf.Tensor:

@@ -89,7 +89,8 @@ def train_example_fn(data_cfg, crop: str, mean, std) -> Callable:
             image = augment.apply(preprocess.to_uint8(image), augment_seed, data_cfg)
         return preprocess.normalize(image, mean, std), tf.cast(label, tf.int32)
 
-    return fn
+    # A tf.function traces once; every epoch's pipeline reuses the trace (RandAugment's is slow).
+    return tf.function(fn)
 
 
 def eval_example_fn(data_cfg, crop: str, mean, std) -> Callable:

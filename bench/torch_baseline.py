@@ -1,0 +1,301 @@
+"""The PyTorch baseline: a ResNet train step in PyTorch, optionally alternated with ours.
+
+    # GPU: torchvision's resnet50, torch.compile, channels-last, bf16 autocast, SGD
+    python -m bench.torch_baseline --config=configs/resnet50.py --batch_size_per_device=256 \
+        --dtype=bfloat16 --json
+    # CPU: plain eager float32, alternating windows with this project's JAX step in one process
+    python -m bench.torch_baseline --config=configs/resnet50.py --batch_size_per_device=8 \
+        --image_size=112 --with_jax --steps=2 --windows=3
+
+The network is the config's (`model` section): torchvision's `resnet{depth}` when torchvision is
+importable and the config is that standard member, else the same architecture built here with
+torch.nn (ImageNet stem, projection shortcuts where the shape changes, stride on the 3x3 conv:
+torchvision's layout, so parameter counts match this project's models). The step is the usual
+PyTorch one: forward under autocast, cross-entropy (with the config's label smoothing),
+backward, SGD with the config's momentum, Nesterov and weight decay (1-D parameters not
+decayed, as in this project's default), on one synthetic batch already on the device.
+
+`--torch_compile` and `--channels_last` default to on with a GPU and off on CPU. With
+`--with_jax`, windows of this project's jitted train step (`bench.common`) and of the PyTorch
+step alternate in one process, so machine noise falls on both alike, and the ratio is printed.
+On a GPU, set XLA_PYTHON_CLIENT_PREALLOCATE=false for `--with_jax`, or JAX takes most of the
+memory before PyTorch starts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+from absl import app, flags
+
+from bench import common
+from resnet_flax import models, optim
+
+FLAGS = common.FLAGS
+flags.DEFINE_enum('torch_compile', 'auto', ['auto', 'yes', 'no'],
+                  'torch.compile the model; auto = yes on a GPU, no on CPU.')
+flags.DEFINE_enum('channels_last', 'auto', ['auto', 'yes', 'no'],
+                  'Channels-last memory format; auto = yes on a GPU, no on CPU.')
+flags.DEFINE_bool('with_jax', False, "Alternate timed windows with this project's train step.")
+flags.DEFINE_bool('torchvision', True, "Use torchvision's model when it is importable.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The network in torch.nn (torchvision's layout)
+
+
+def build_torch_model(model_cfg) -> tuple[Any, str]:
+    """The config's ResNet as a torch module, and where it came from."""
+    import torch.nn as nn
+
+    flax_model = models.from_config(model_cfg)
+    unsupported = dict(stem=('imagenet',), shortcut=('B',), stride_placement=('v1.5',),
+                       preactivation=(False,), avg_down=(False,), se_ratio=(0.0,))
+    for field, valid in unsupported.items():
+        if getattr(flax_model, field) not in valid:
+            raise ValueError(f'model.{field}={getattr(flax_model, field)!r}: the PyTorch '
+                             f'baseline builds {field} in {valid} only.')
+    if FLAGS.torchvision:
+        model = _torchvision_model(flax_model, int(model_cfg.depth))
+        if model is not None:
+            return model, f'torchvision.models.resnet{int(model_cfg.depth)}'
+
+    def bn(channels):
+        return nn.BatchNorm2d(channels, eps=flax_model.bn_epsilon,
+                              momentum=1.0 - flax_model.bn_momentum)
+
+    class Block(nn.Module):
+        def __init__(self, in_ch: int, features: int, inner: int, stride: int):
+            super().__init__()
+            if flax_model.block == 'bottleneck':
+                self.main = nn.Sequential(
+                    nn.Conv2d(in_ch, inner, 1, bias=False), bn(inner), nn.ReLU(inplace=True),
+                    nn.Conv2d(inner, inner, 3, stride, 1, groups=flax_model.groups, bias=False),
+                    bn(inner), nn.ReLU(inplace=True),
+                    nn.Conv2d(inner, features, 1, bias=False), bn(features))
+            else:
+                self.main = nn.Sequential(
+                    nn.Conv2d(in_ch, inner, 3, stride, 1, bias=False), bn(inner),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(inner, features, 3, 1, 1, bias=False), bn(features))
+            self.shortcut = nn.Identity()
+            if stride != 1 or in_ch != features:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_ch, features, 1, stride, bias=False), bn(features))
+
+        def forward(self, x):
+            return (self.main(x) + self.shortcut(x)).relu_()
+
+    width = flax_model.stem_width
+    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), bn(width), nn.ReLU(inplace=True),
+              nn.MaxPool2d(3, 2, 1)]
+    for i, (size, stage_width) in enumerate(
+            zip(flax_model.stage_sizes, flax_model.stage_widths, strict=True)):
+        features, inner = flax_model.block_widths(stage_width)
+        for j in range(size):
+            layers.append(Block(width, features, inner, 2 if i > 0 and j == 0 else 1))
+            width = features
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, flax_model.num_classes)]
+    model = nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+    return model, 'torch.nn (bench/torch_baseline.py)'
+
+
+def _torchvision_model(flax_model: models.ResNet, depth: int):
+    """torchvision's resnet{depth} if it is importable and the config is that member."""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    name = f'resnet{depth}'
+    if name not in models.REGISTRY or not hasattr(torchvision.models, name):
+        return None
+    standard = models.create(name, num_classes=flax_model.num_classes)
+    same = ('block', 'stage_sizes', 'stage_widths', 'stem', 'stem_width', 'shortcut',
+            'stride_placement', 'preactivation', 'avg_down', 'width_multiplier', 'groups',
+            'base_width', 'se_ratio')
+    if any(tuple(getattr(standard, f)) != tuple(getattr(flax_model, f))
+           if isinstance(getattr(standard, f), (list, tuple))
+           else getattr(standard, f) != getattr(flax_model, f) for f in same):
+        return None
+    return getattr(torchvision.models, name)(num_classes=flax_model.num_classes)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def _choice(flag: str, cuda: bool) -> bool:
+    return {'yes': True, 'no': False}.get(flag, cuda)
+
+
+class TorchSetup:
+    """The model, optimizer, one synthetic batch on the device, and a train step over them."""
+
+    def __init__(self, config, compile_model: str = 'auto', channels_last: str = 'auto'):
+        import torch
+        import torch.nn.functional as F  # noqa: N812 (the usual name)
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device('cuda' if self.cuda else 'cpu')
+        dtype = str(config.model.dtype)
+        if dtype not in ('float32', 'bfloat16'):
+            raise ValueError(f'--dtype={dtype!r}: the PyTorch baseline runs float32 or bfloat16.')
+        self.autocast_dtype = torch.bfloat16 if dtype == 'bfloat16' else None
+        self.compiled = _choice(compile_model, self.cuda)
+        self.channels_last = _choice(channels_last, self.cuda)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        model, self.source = build_torch_model(config.model)
+        self.params = count_parameters(model)
+        model = model.to(self.device, memory_format=memory_format).train()
+        opt = config.optimizer
+        if opt.name != 'sgd':
+            raise ValueError(f'config.optimizer.name={opt.name!r}: the PyTorch baseline is SGD; '
+                             'pass --config.optimizer.name=sgd.')
+        decay = opt.weight_decay if opt.weight_decay_type in ('', 'l2') else 0.0
+        params = list(model.parameters())
+        groups = [
+            dict(params=[p for p in params if p.ndim > 1 or opt.decay_norm_and_bias],
+                 weight_decay=decay),
+            dict(params=[p for p in params if p.ndim <= 1 and not opt.decay_norm_and_bias],
+                 weight_decay=0.0),
+        ]
+        kwargs = dict(lr=optim.peak_learning_rate(config), momentum=opt.momentum,
+                      nesterov=opt.nesterov and opt.momentum > 0)
+        if self.cuda:
+            kwargs['fused'] = True
+        self.optimizer = torch.optim.SGD([g for g in groups if g['params']], **kwargs)
+        self.model = torch.compile(model) if self.compiled else model
+
+        size, batch = int(config.data.image_size), int(config.batch_size)
+        generator = torch.Generator().manual_seed(config.seed)
+        self.images = torch.randn(batch, 3, size, size, generator=generator).to(
+            self.device, memory_format=memory_format)
+        self.labels = torch.randint(0, config.model.num_classes, (batch,),
+                                    generator=generator).to(self.device)
+        self.label_smoothing = float(config.label_smoothing)
+        self.cross_entropy = F.cross_entropy
+        self.loss = None
+
+    def step(self) -> None:
+        with self.torch.autocast(self.device.type, dtype=self.autocast_dtype or
+                                 self.torch.float32, enabled=self.autocast_dtype is not None):
+            logits = self.model(self.images)
+        loss = self.cross_entropy(logits.float(), self.labels,
+                                  label_smoothing=self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss = loss
+
+    def __call__(self, n: int) -> None:
+        for _ in range(n):
+            self.step()
+        self.last_loss()  # waits for the device
+
+    def last_loss(self) -> float:
+        return float(self.loss.detach()) if self.loss is not None else float('nan')
+
+    def peak_memory_bytes(self) -> int | None:
+        return int(self.torch.cuda.max_memory_allocated()) if self.cuda else None
+
+    def environment(self) -> dict[str, Any]:
+        torch = self.torch
+        return dict(torch=torch.__version__, device=torch.cuda.get_device_name()
+                    if self.cuda else 'cpu', threads=torch.get_num_threads(),
+                    cudnn=torch.backends.cudnn.version() if self.cuda else None)
+
+
+def torch_result(setup: TorchSetup, config, first_step_s: float, times: list[float],
+                 flops_per_image: float) -> dict[str, Any]:
+    result = dict(
+        benchmark='torch_train',
+        source=setup.source,
+        params=setup.params,
+        dtype='bfloat16 autocast' if setup.autocast_dtype is not None else 'float32',
+        torch_compile=setup.compiled,
+        channels_last=setup.channels_last,
+        image_size=int(config.data.image_size),
+        batch_size=int(config.batch_size),
+        first_step_s=first_step_s,
+        **common.throughput(times, FLAGS.steps, config.batch_size, 1),
+    )
+    result.update(
+        model_flops_per_image=flops_per_image,
+        mfu=common.mfu(result['images_per_sec'], flops_per_image, FLAGS.peak_tflops, 1),
+        peak_memory_bytes=setup.peak_memory_bytes(),
+        final_loss=setup.last_loss(),
+        env=setup.environment(),
+    )
+    return result
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    config = common.config_from_flags()
+    if jax.device_count() != 1 and FLAGS.with_jax:
+        raise ValueError(f'--with_jax compares one device; JAX sees {jax.device_count()}.')
+    flops_per_image = 6 * common.model_macs(models.from_config(config.model),
+                                            int(config.data.image_size))
+
+    setup = TorchSetup(config, FLAGS.torch_compile, FLAGS.channels_last)
+    start = time.perf_counter()
+    setup(1)  # torch.compile compiles here
+    first_step_s = time.perf_counter() - start
+    if FLAGS.warmup:
+        setup(FLAGS.warmup)
+
+    if not FLAGS.with_jax:
+        times = common.time_windows(setup, FLAGS.steps, FLAGS.windows, 0)
+        common.report(torch_result(setup, config, first_step_s, times, flops_per_image),
+                      FLAGS.json)
+        return
+
+    jax_setup = common.setup_train(config)
+    _, compile_s = common.compile_step(jax_setup)
+    jax_runner = common.TrainRunner(jax_setup)
+    if FLAGS.warmup:
+        jax_runner(FLAGS.warmup)
+    torch_times, jax_times = [], []
+    for window in range(FLAGS.windows):  # alternate, and alternate which goes first
+        pair = [(jax_runner, jax_times), (setup, torch_times)]
+        for run, times in pair if window % 2 == 0 else reversed(pair):
+            times.extend(common.time_windows(run, FLAGS.steps, 1, 0))
+    torch_out = torch_result(setup, config, first_step_s, torch_times, flops_per_image)
+    jax_out = dict(
+        benchmark='jax_train',
+        **common.describe_config(config, jax_setup.model),
+        compile_s=compile_s,
+        **common.throughput(jax_times, FLAGS.steps, config.batch_size, 1),
+        mfu=None,
+        final_loss=jax_runner.last_loss(),
+        env=common.environment(),
+    )
+    jax_out['mfu'] = common.mfu(jax_out['images_per_sec'], flops_per_image, FLAGS.peak_tflops, 1)
+    result = dict(
+        benchmark='jax_vs_torch',
+        image_size=int(config.data.image_size),
+        batch_size=int(config.batch_size),
+        jax_images_per_sec=jax_out['images_per_sec'],
+        torch_images_per_sec=torch_out['images_per_sec'],
+        jax_over_torch=jax_out['images_per_sec'] / torch_out['images_per_sec'],
+        jax=jax_out,
+        torch=torch_out,
+    )
+    common.report(result, FLAGS.json)
+
+
+if __name__ == '__main__':
+    common.define_flags(steps_default=10, windows_default=5)
+    app.run(main)

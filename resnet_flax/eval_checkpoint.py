@@ -1,0 +1,104 @@
+"""What `eval.py` does: restore a checkpoint, then evaluate a split or predict image files.
+
+    metrics = eval_checkpoint.evaluate_checkpoint(config, '/tmp/run', step='best')
+    # {'loss', 'top1', 'top5', 'num_examples', 'step', 'split', 'ema', 'checkpoint'}
+
+The model comes from `config.model` and must fit the checkpoint (a one-line error names the
+first array that does not). Evaluation is `evaluate.evaluate`: exact, over every example of
+the split, on all devices and processes, the same code the training loop evaluates with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from resnet_flax import data, evaluate, models, predict, sharding, weights
+from resnet_flax.state import init_variables
+
+PyTree = Any
+
+
+def _check_classes(config: ml_collections.ConfigDict, num_classes: int) -> None:
+    if num_classes != config.model.num_classes:
+        raise ValueError(
+            f'config.model.num_classes={config.model.num_classes} but {config.data.dataset!r} '
+            f'has {num_classes} classes; set --config.model.num_classes={num_classes}.'
+        )
+
+
+def restore_model(config: ml_collections.ConfigDict, ckpt: weights.Checkpoint,
+                  image_shape: tuple[int, int, int], mesh: jax.sharding.Mesh,
+                  use_ema: bool = False) -> tuple[Any, PyTree]:
+    """(model, variables) with the checkpoint's weights, replicated over `mesh`."""
+    model = models.from_config(config.model)
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), image_shape))
+    target = weights.abstract_like(
+        {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})},
+        sharding.replicated(mesh))
+    return model, weights.load_variables(ckpt, target, use_ema)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
+                        step: str | int = 'latest', split: str | None = None,
+                        use_ema: bool = False) -> dict[str, Any]:
+    """Loss, top-1 and top-5 of the checkpoint at `path` over the whole `split`."""
+    info = data.get_info(config.data)  # a missing data set fails before the restore
+    _check_classes(config, info.num_classes)
+    sharding.check_batch_size(evaluate.eval_batch_size(config), 'eval_batch_size')
+    ckpt = weights.locate(path, step)
+    mesh = sharding.create_mesh()
+    model, variables = restore_model(config, ckpt, info.image_shape, mesh, use_ema)
+    results = evaluate.evaluate(evaluate.make_eval_fn(model, mesh), variables, config, mesh,
+                                split)
+    return {**results, 'step': ckpt.step, 'split': split or config.data.eval_split,
+            'ema': use_ema, 'checkpoint': str(ckpt.directory)}
+
+
+def predict_checkpoint(config: ml_collections.ConfigDict, path: str, images: Sequence[str], *,
+                       step: str | int = 'latest', use_ema: bool = False,
+                       k: int = 5) -> tuple[weights.Checkpoint, list[predict.Prediction]]:
+    """The top-k classes of each image under the checkpoint at `path`. The data set itself
+    need not be present: only its preprocessing and class names are used."""
+    size = int(config.data.image_size)
+    ckpt = weights.locate(path, step)
+    mesh = sharding.create_mesh()
+    model, variables = restore_model(config, ckpt, (size, size, 3), mesh, use_ema)
+    return ckpt, predict.predict_files(model, variables, images, config.data, k)
+
+
+def run(config: ml_collections.ConfigDict, *, workdir: str | None, checkpoint: str | None,
+        checkpoint_step: str, split: str | None, use_ema: bool, images: Sequence[str],
+        as_json: bool, top_k: int = 5) -> None:
+    """eval.py: checks the flags, evaluates or predicts, prints on process 0."""
+    if bool(workdir) == bool(checkpoint):
+        raise ValueError('Pass exactly one of --workdir=DIR (a train workdir; the step from '
+                         '--checkpoint_step) or --checkpoint=PATH.')
+    if checkpoint and checkpoint_step != 'latest':
+        raise ValueError(f'--checkpoint_step={checkpoint_step} chooses a step of a --workdir; '
+                         'with --checkpoint pass the step directory itself.')
+    path = workdir or checkpoint
+    if images:
+        ckpt, predictions = predict_checkpoint(config, path, images, step=checkpoint_step,
+                                               use_ema=use_ema, k=top_k)
+        output = {'step': ckpt.step, 'checkpoint': str(ckpt.directory), 'ema': use_ema,
+                  'predictions': [p.as_dict() for p in predictions]}
+        text = '\n'.join(p.format() for p in predictions)
+    else:
+        output = evaluate_checkpoint(config, path, step=checkpoint_step, split=split,
+                                     use_ema=use_ema)
+        text = format_metrics(output)
+    if jax.process_index() == 0:
+        print(json.dumps(output) if as_json else text, flush=True)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    weights_used = 'EMA weights' if metrics['ema'] else 'weights'
+    step = f'step {metrics["step"]}' if metrics['step'] is not None else 'converted'
+    return (f'{metrics["checkpoint"]} ({step}, {weights_used}) on {metrics["split"]!r}: '
+            f'loss {metrics["loss"]:.4f}, top1 {metrics["top1"]:.4f}, '
+            f'top5 {metrics["top5"]:.4f} over {metrics["num_examples"]} examples')

@@ -1,0 +1,220 @@
+"""Model weights on disk: find a checkpoint, read its params and BN statistics, write one.
+
+Three layouts hold weights, and every reader here accepts each of them:
+- a train workdir (`<workdir>/checkpoints/<step>/`), or its `checkpoints/` folder: a step is
+  chosen by number, 'latest' or 'best' (highest eval top-1);
+- one step directory of a workdir, `<workdir>/checkpoints/<step>/`;
+- a directory written by `python -m resnet_flax.convert` (pretrained PyTorch weights).
+
+Each is a directory with two orbax items: `state` (a TrainState, or just `params` and
+`batch_stats` for converted weights) and `meta` (JSON; the config or the model's fields).
+Only the arrays asked for are read (orbax partial restore), straight into the shardings of
+the target, so the optimizer state of a train checkpoint is never loaded to evaluate it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.traverse_util
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from resnet_flax import checkpoint
+
+PyTree = Any
+STATE_ITEM = 'state'
+META_ITEM = 'meta'
+STEP_CHOICES = "a step number, 'latest' or 'best'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One readable set of weights: a directory holding the `state` and `meta` items."""
+
+    directory: epath.Path
+    step: int | None  # None for converted weights
+    meta: dict[str, Any]
+
+    @property
+    def description(self) -> str:
+        """How to name these weights in a message."""
+        name = self.meta.get('name')
+        return f'{self.directory} (converted {name})' if name else str(self.directory)
+
+    @functools.cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """'params/stem_conv/kernel' -> shape, for every array the `state` item holds."""
+        metadata = ocp.PyTreeCheckpointHandler().metadata(self.directory / STATE_ITEM)
+        return flat_shapes(getattr(metadata, 'tree', metadata))
+
+    def has_ema(self) -> bool:
+        return any(name.startswith('ema_params/') for name in self.shapes)
+
+
+def flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    """'a/b/c' -> shape of every array-like leaf of a nested dict (None leaves dropped)."""
+    flat = flax.traverse_util.flatten_dict(_as_dict(tree), sep='/')
+    return {name: tuple(leaf.shape) for name, leaf in flat.items() if hasattr(leaf, 'shape')}
+
+
+def _as_dict(tree: PyTree) -> dict:
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    return dict(tree) if isinstance(tree, Mapping) else tree
+
+
+def _read_meta(directory: epath.Path) -> dict[str, Any]:
+    if not (directory / META_ITEM).exists():
+        return {}
+    return ocp.JsonCheckpointHandler().restore(directory / META_ITEM) or {}
+
+
+def _not_found(path: str, why: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f'No checkpoint at {path}: {why}. Pass a train workdir, one of its '
+        'checkpoints/<step> directories, or a directory written by '
+        '`python -m resnet_flax.convert`.'
+    )
+
+
+def locate(path: str | epath.PathLike, step: str | int = 'latest') -> Checkpoint:
+    """The checkpoint at `path`; for a workdir, its step `step` (a number, 'latest', 'best')."""
+    root = epath.Path(path)
+    if not root.exists():
+        raise _not_found(str(path), 'the path does not exist')
+    if not root.is_dir():
+        raise _not_found(str(path), 'it is a file, not a directory')
+    if (root / STATE_ITEM).is_dir():
+        if str(step) != 'latest':
+            raise ValueError(f'{path} is a single checkpoint; choosing a step ({step}) needs '
+                             'the workdir that holds it.')
+        meta = _read_meta(root)
+        return Checkpoint(root, meta.get('step'), meta)
+    manager_dir = root / checkpoint.CHECKPOINT_DIR
+    manager_dir = manager_dir if manager_dir.is_dir() else root
+    manager = checkpoint.create_manager(manager_dir, read_only=True)
+    try:
+        chosen = _choose_step(manager, str(path), step)
+    finally:
+        manager.close()
+    directory = manager_dir / str(chosen)
+    return Checkpoint(directory, chosen, _read_meta(directory))
+
+
+def _choose_step(manager: ocp.CheckpointManager, path: str, step: str | int) -> int:
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise _not_found(path, 'it holds no checkpoint')
+    if str(step) == 'latest':
+        return steps[-1]
+    if str(step) == 'best':
+        best = checkpoint.best_step(manager)
+        if best is None:
+            raise ValueError(f'No checkpoint in {path} has eval metrics, so none is the best; '
+                             f'choose one of the steps {steps} or latest.')
+        return best
+    try:
+        number = int(step)
+    except ValueError:
+        raise ValueError(f'checkpoint step {step!r} is not {STEP_CHOICES}.') from None
+    if number not in steps:
+        raise ValueError(f'{path} has no checkpoint of step {number}; its steps: {steps}.')
+    return number
+
+
+def compare(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> tuple[list, list, list]:
+    """(missing names, unexpected names, [(name, saved shape, wanted shape)]) between two
+    flat shape tables; missing = wanted but not saved."""
+    missing = [name for name in wanted if name not in saved]
+    unexpected = [name for name in saved if name not in wanted]
+    different = [(name, saved[name], shape) for name, shape in wanted.items()
+                 if name in saved and tuple(saved[name]) != tuple(shape)]
+    return missing, unexpected, different
+
+
+def _collections(use_ema: bool) -> dict[str, str]:
+    """Model collection -> the `state` item's key that holds it."""
+    if use_ema:
+        return {'params': 'ema_params', 'batch_stats': 'ema_batch_stats'}
+    return {'params': 'params', 'batch_stats': 'batch_stats'}
+
+
+def saved_variable_shapes(ckpt: Checkpoint, use_ema: bool = False) -> dict[str, tuple]:
+    """The shapes of the saved model variables, named as the model names them
+    ('params/...', 'batch_stats/...'), the EMA copy when `use_ema`."""
+    if use_ema and not ckpt.has_ema():
+        raise ValueError(f'{ckpt.description} has no EMA weights (its run had ema_decay=0); '
+                         'leave out --ema.')
+    renamed = {}
+    for collection, key in _collections(use_ema).items():
+        for name, shape in ckpt.shapes.items():
+            if name.startswith(key + '/'):
+                renamed[collection + name[len(key):]] = shape
+    return renamed
+
+
+def mismatch_error(ckpt: Checkpoint, missing: list, unexpected: list,
+                   different: list) -> ValueError:
+    """One line naming the first difference between the checkpoint and the model."""
+    fix = 'use the config of the model that wrote it'
+    if different:
+        name, there, here = different[0]
+        return ValueError(f'Checkpoint {ckpt.description} does not fit this model: {name} is '
+                          f'{there} there but {here} here; {fix}.')
+    if missing:
+        return ValueError(f'Checkpoint {ckpt.description} does not fit this model: it has no '
+                          f'{missing[0]} ({len(missing)} arrays missing); {fix}.')
+    return ValueError(f'Checkpoint {ckpt.description} does not fit this model: it has '
+                      f'{unexpected[0]}, which this model lacks ({len(unexpected)} extra '
+                      f'arrays); {fix}.')
+
+
+def restore(ckpt: Checkpoint, target: PyTree, use_ema: bool = False) -> PyTree:
+    """Reads the leaves of `target` ({'params': ..., 'batch_stats': ...} of ShapeDtypeStructs
+    with shardings; leaves may be left out) into those shardings. No shape checks here."""
+    item = {_collections(use_ema)[name]: tree for name, tree in target.items()}
+    restored = ocp.PyTreeCheckpointHandler().restore(
+        ckpt.directory / STATE_ITEM,
+        args=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        ),
+    )
+    return {name: restored[key] for name, key in _collections(use_ema).items() if name in target}
+
+
+def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding | None = None) -> PyTree:
+    """ShapeDtypeStructs of `tree`'s leaves, in `sharding` or each leaf's own sharding."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
+
+
+def load_variables(ckpt: Checkpoint, target: PyTree, use_ema: bool = False) -> PyTree:
+    """All of `target`'s variables from `ckpt`, which must hold exactly those shapes."""
+    saved = saved_variable_shapes(ckpt, use_ema)
+    missing, unexpected, different = compare(saved, flat_shapes(target))
+    if missing or unexpected or different:
+        raise mismatch_error(ckpt, missing, unexpected, different)
+    return restore(ckpt, target, use_ema)
+
+
+def save_converted(directory: str | epath.PathLike, variables: PyTree,
+                   meta: dict[str, Any]) -> epath.Path:
+    """Writes {'params', 'batch_stats'} (host arrays) and `meta` as a new checkpoint."""
+    out = epath.Path(directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f'{out} already exists and is not empty; choose a new --out '
+                              'or delete it.')
+    if out.exists():
+        out.rmdir()
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(out, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardSave(variables), META_ITEM: ocp.args.JsonSave(meta)}))
+    checkpointer.close()
+    return out
