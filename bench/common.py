@@ -262,14 +262,23 @@ def compiled_memory_bytes(compiled: Any) -> int | None:
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def peak_memory_bytes() -> int | None:
-    """Peak bytes in use on this process's busiest device since start; None where not tracked."""
-    peaks = []
+def _memory_stat(name: str) -> int | None:
+    values = []
     for device in jax.local_devices():
         stats = device.memory_stats()
-        if stats and 'peak_bytes_in_use' in stats:
-            peaks.append(int(stats['peak_bytes_in_use']))
-    return max(peaks) if peaks else None
+        if stats and name in stats:
+            values.append(int(stats[name]))
+    return max(values) if values else None
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on this process's busiest device since start; None where not tracked."""
+    return _memory_stat('peak_bytes_in_use')
+
+
+def memory_limit_bytes() -> int | None:
+    """The bytes JAX may use on a device (its allocator's limit); None where not tracked."""
+    return _memory_stat('bytes_limit')
 
 
 def mfu(images_per_sec: float, flops_per_image: float, peak_tflops: float,
@@ -342,6 +351,7 @@ def benchmark_step(setup: Setup, inference: bool, steps_per_window: int, windows
         peak_tflops=peak_tflops or None,
         mfu=mfu(result['images_per_sec'], flops_per_image, peak_tflops, devices),
         peak_memory_bytes=peak_memory_bytes(),
+        memory_limit_bytes=memory_limit_bytes(),
         compiled_memory_bytes=compiled_memory_bytes(compiled),
         compilation_cache=jax.config.jax_compilation_cache_dir or None,
     )

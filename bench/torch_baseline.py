@@ -24,6 +24,7 @@ memory before PyTorch starts.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -40,6 +41,11 @@ flags.DEFINE_enum('channels_last', 'auto', ['auto', 'yes', 'no'],
                   'Channels-last memory format; auto = yes on a GPU, no on CPU.')
 flags.DEFINE_bool('with_jax', False, "Alternate timed windows with this project's train step.")
 flags.DEFINE_bool('torchvision', True, "Use torchvision's model when it is importable.")
+flags.DEFINE_integer('torch_threads', 0, "PyTorch's CPU threads; 0 = its default (one per core).")
+flags.DEFINE_bool('omp_passive', True,
+                  'OMP_WAIT_POLICY=PASSIVE for PyTorch (unless set): on a shared CPU, OpenMP '
+                  'threads that spin at each barrier wait for descheduled peers, and small ops '
+                  'take tens of ms.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,12 +146,15 @@ def _choice(flag: str, cuda: bool) -> bool:
 class TorchSetup:
     """The model, optimizer, one synthetic batch on the device, and a train step over them."""
 
-    def __init__(self, config, compile_model: str = 'auto', channels_last: str = 'auto'):
+    def __init__(self, config, compile_model: str = 'auto', channels_last: str = 'auto',
+                 threads: int = 0):
         import torch
         import torch.nn.functional as F  # noqa: N812 (the usual name)
 
         self.torch = torch
         self.cuda = torch.cuda.is_available()
+        if threads:
+            torch.set_num_threads(threads)
         self.device = torch.device('cuda' if self.cuda else 'cpu')
         dtype = str(config.model.dtype)
         if dtype not in ('float32', 'bfloat16'):
@@ -213,6 +222,7 @@ class TorchSetup:
         torch = self.torch
         return dict(torch=torch.__version__, device=torch.cuda.get_device_name()
                     if self.cuda else 'cpu', threads=torch.get_num_threads(),
+                    omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', ''),
                     cudnn=torch.backends.cudnn.version() if self.cuda else None)
 
 
@@ -249,7 +259,9 @@ def main(argv: list[str]) -> None:
     flops_per_image = 6 * common.model_macs(models.from_config(config.model),
                                             int(config.data.image_size))
 
-    setup = TorchSetup(config, FLAGS.torch_compile, FLAGS.channels_last)
+    if FLAGS.omp_passive:
+        os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # read when torch starts OpenMP
+    setup = TorchSetup(config, FLAGS.torch_compile, FLAGS.channels_last, FLAGS.torch_threads)
     start = time.perf_counter()
     setup(1)  # torch.compile compiles here
     first_step_s = time.perf_counter() - start

@@ -82,7 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.crop_padding = 4  # 'pad': zero-pad this many pixels, then crop back (He et al. 2016)
     data.random_flip = True  # horizontal flips (never for digits: a flipped digit is no digit)
     data.resize_method = 'bilinear'  # tf.image.resize method: 'bilinear' | 'bicubic' | ...
-    data.antialias = True  # filter when downscaling (closer to PIL and torchvision)
+    # Filter when downscaling, as PIL does: ~4x the resize time for no accuracy the flax and
+    # TF ResNet recipes (plain bilinear/bicubic) ever missed.
+    data.antialias = False
     data.auto_augment = ''  # '' | 'randaugment' (Cubuk et al. 2020) | 'trivialaugment'
     data.randaugment_num_ops = 2  # ops applied to each image
     data.randaugment_magnitude = 9  # 0..30, the paper's scale (ImageNet ResNet-50: 2 ops, 9)
@@ -102,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Throughput and memory (tf.data sources).
     # Raw examples held for shuffling; an ImageNet JPEG is ~110 KB, so 16,384 take ~1.8 GB.
     data.shuffle_buffer_size = 16_384
-    data.cache = False  # keep the encoded split in memory after the first pass (small sets)
+    data.cache = False  # TFDS: keep the encoded split in memory after the first pass (small sets)
     data.num_parallel_calls = -1  # decode/augment calls in flight; -1 = tf.data autotunes
     data.threadpool_size = 0  # private tf.data thread pool; 0 = one thread per host core
     data.prefetch_batches = 2  # ready batches kept ahead of the step; -1 = tf.data autotunes

@@ -25,4 +25,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.family = 'imagenet'
     config.model.depth = 50
     config.model.num_classes = 1000
+    config.model.dtype = 'bfloat16'  # float32 params, optimizer state and BN statistics
+
+    # Goyal et al. 2017 with a cosine decay: lr = 0.1 * batch_size / 256, 5 warmup epochs,
+    # weight decay 1e-4 on conv and dense kernels only, label smoothing 0.1, 90 epochs.
+    config.batch_size = 1024
+    config.num_epochs = 90.0
+    config.optimizer.name = 'sgd'
+    config.optimizer.learning_rate = 0.1
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = True
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.schedule = 'cosine'
+    config.optimizer.warmup_epochs = 5.0
+    config.label_smoothing = 0.1
+    config.log_every_steps = 100
+    config.eval_every_epochs = 1.0
+    config.checkpoint_every_steps = 1250  # about one epoch at batch 1024
     return config

@@ -152,7 +152,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str,
                          f'{"; ".join(parts)}. Check --name (and the model overrides).')
 
     out: dict[str, dict[str, np.ndarray]] = {'params': {}, 'batch_stats': {}}
-    for ours, leaf in flat.items():
+    position = {key: i for i, key in enumerate(state_dict)}
+    for ours, leaf in sorted(flat.items(), key=lambda item: position[keys[item[0]]]):
         collection, path = ours.split('/', 1)
         key = keys[ours]
         value = _to_flax(as_numpy(state_dict[key]), ours.rsplit('/', 1)[1], len(leaf.shape))
@@ -257,12 +258,21 @@ def _torch_load(file) -> Any:
         with file.open('rb') as stream:
             return torch.load(stream, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = _refusal_reason(str(error))
         raise ValueError(f'{file} is not a plain tensor state dict: torch.load(weights_only='
-                         f'True) refused it ({_first_line(error)}); never unpickle untrusted '
-                         'code. Save model.state_dict() instead.') from None
+                         f'True) refused it ({reason}). It is not unpickled with code; save '
+                         'model.state_dict() (or .safetensors) instead.') from None
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
         raise ValueError(f'{file} is not a readable PyTorch file ({type(error).__name__}: '
                          f'{_first_line(error)}).') from None
+
+
+def _refusal_reason(message: str) -> str:
+    """The line of torch's long refusal message that says what was refused."""
+    for line in message.splitlines():
+        if 'WeightsUnpickler error:' in line:
+            return line.split('WeightsUnpickler error:', 1)[1].split('. ')[0].strip()
+    return 'it holds pickled objects other than tensors'
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,14 +14,17 @@ the target, so the optimizer state of a train checkpoint is never loaded to eval
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import flax.traverse_util
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from resnet_flax import checkpoint
@@ -29,6 +32,7 @@ from resnet_flax import checkpoint
 PyTree = Any
 STATE_ITEM = 'state'
 META_ITEM = 'meta'
+_BLOCK = re.compile(r'stage(\d+)_block(\d+)')
 STEP_CHOICES = "a step number, 'latest' or 'best'"
 
 
@@ -97,13 +101,24 @@ def locate(path: str | epath.PathLike, step: str | int = 'latest') -> Checkpoint
         return Checkpoint(root, meta.get('step'), meta)
     manager_dir = root / checkpoint.CHECKPOINT_DIR
     manager_dir = manager_dir if manager_dir.is_dir() else root
-    manager = checkpoint.create_manager(manager_dir, read_only=True)
+    with _quiet():  # a read-only manager warns that it will not save
+        manager = checkpoint.create_manager(manager_dir, read_only=True)
     try:
         chosen = _choose_step(manager, str(path), step)
     finally:
         manager.close()
     directory = manager_dir / str(chosen)
     return Checkpoint(directory, chosen, _read_meta(directory))
+
+
+@contextlib.contextmanager
+def _quiet():
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _choose_step(manager: ocp.CheckpointManager, path: str, step: str | int) -> int:
@@ -127,9 +142,25 @@ def _choose_step(manager: ocp.CheckpointManager, path: str, step: str | int) -> 
     return number
 
 
+def model_order(name: str) -> tuple:
+    """Sort key: parameters before BN statistics, each from the stem to the head (so the
+    first difference named is the earliest layer, not the alphabetically first)."""
+    collection, _, rest = name.partition('/')
+    module = rest.split('/', 1)[0]
+    block = _BLOCK.fullmatch(module)
+    if module.startswith('stem'):
+        rank = (0, 0, 0)
+    elif block:
+        rank = (1, int(block[1]), int(block[2]))
+    else:  # final_bn, head
+        rank = (2, int(module == 'head'), 0)
+    return collection != 'params', rank, name
+
+
 def compare(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> tuple[list, list, list]:
     """(missing names, unexpected names, [(name, saved shape, wanted shape)]) between two
     flat shape tables; missing = wanted but not saved."""
+    wanted = {name: wanted[name] for name in sorted(wanted, key=model_order)}
     missing = [name for name in wanted if name not in saved]
     unexpected = [name for name in saved if name not in wanted]
     different = [(name, saved[name], shape) for name, shape in wanted.items()

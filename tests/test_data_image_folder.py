@@ -50,10 +50,9 @@ def folder_config(root, **overrides):
     return cfg
 
 
-def eval_images(cfg, split=None, **kwargs):
-    batches = list(data.eval_batches(cfg, global_batch_size=kwargs.pop('batch', 4), split=split,
-                                     **kwargs))
-    return batches
+def eval_images(cfg, split=None, batch=4, **kwargs):
+    """All eval batches of one process."""
+    return list(data.eval_batches(cfg, global_batch_size=batch, split=split, **kwargs))
 
 
 def test_corrupt_files_are_skipped_and_counted(pool):

@@ -119,7 +119,7 @@ def _rows(images):
 @pytest.mark.parametrize('process_count', [1, 2, 3])
 def test_eval_mask_counts_each_example_once(process_count):
     cfg = digits_config(image_size=8, mean_rgb=(0.0,) * 3, std_rgb=(1.0,) * 3)
-    global_batch = 42 * process_count // process_count * process_count  # 360 % 42 != 0
+    global_batch = 42 * process_count  # 360 is no multiple of it
     per_process = [list(data.eval_batches(cfg, global_batch_size=global_batch,
                                           process_index=p, process_count=process_count))
                    for p in range(process_count)]

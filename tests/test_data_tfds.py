@@ -1,6 +1,7 @@
 """The TFDS source on real builders: imagenet2012 prepared from tiny ILSVRC2012 archives, and
 CIFAR-10 under tfds.testing.mock_data."""
 
+import io
 import itertools
 
 import numpy as np
@@ -75,7 +76,7 @@ def test_imagenet_eval_is_the_centre_crop_of_each_validation_image(imagenet_dir)
     builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
     examples = builder.as_dataset('validation', decoders={'image': tfds.decode.SkipDecoding()})
     for image, example in zip(ours, tfds.as_numpy(examples), strict=True):
-        with Image.open(__import__('io').BytesIO(example['image'])) as pil:
+        with Image.open(io.BytesIO(example['image'])) as pil:
             side = int(0.875 * min(pil.size))
             left, top = (pil.width - side + 1) // 2, (pil.height - side + 1) // 2
             reference = pil.crop((left, top, left + side, top + side)).resize(
@@ -174,6 +175,13 @@ def test_unprepared_imagenet_says_where_and_how_in_one_line(tmp_path):
     assert str(tmp_path / 'empty' / 'imagenet2012') in message  # where TFDS looked
     assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
     assert f'tfds build imagenet2012 --data_dir={tmp_path / "empty"}' in message
+
+
+def test_unprepared_downloadable_set_says_how_to_build_it(tmp_path):
+    cfg = imagenet_config(str(tmp_path), dataset='cifar10')  # download stays False
+    with pytest.raises(FileNotFoundError,
+                       match=f'tfds build cifar10 --data_dir={tmp_path}.*data.download=True'):
+        data.get_info(cfg)
 
 
 def test_unknown_dataset_and_split_fail_in_one_line(imagenet_dir):

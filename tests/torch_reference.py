@@ -128,9 +128,10 @@ ARCHITECTURES = {
 }
 
 
-def build(name: str, **kwargs) -> ResNet:
-    block, layers, defaults = ARCHITECTURES[name]
-    return ResNet(block, layers, **{**defaults, **kwargs})
+def build(name: str, layers: tuple[int, ...] | None = None, **kwargs) -> ResNet:
+    """The named net; `layers` (blocks per stage) and `kwargs` change its size, not its kind."""
+    block, default_layers, defaults = ARCHITECTURES[name]
+    return ResNet(block, layers or default_layers, **{**defaults, **kwargs})
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

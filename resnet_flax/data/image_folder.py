@@ -68,9 +68,9 @@ def _check_file(path: epath.Path, verify: bool) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
+        with path.open('rb') as file, Image.open(file) as image:
             image_format = image.format
-            if verify:
+            if verify:  # JPEGs decode at 1/8 scale: ~10x faster, still reads every block
                 image.draft('RGB', (max(image.width // 8, 1), max(image.height // 8, 1)))
                 image.load()
         return image_format

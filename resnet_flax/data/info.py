@@ -122,6 +122,16 @@ def validate(data_cfg) -> None:
             f'data.randaugment_magnitude={data_cfg.randaugment_magnitude} must be in [0, 30] and '
             f'data.randaugment_num_ops={data_cfg.randaugment_num_ops} >= 0.'
         )
+    if data_cfg.shuffle_buffer_size < 1 or data_cfg.threadpool_size < 0:
+        raise ValueError(
+            f'data.shuffle_buffer_size={data_cfg.shuffle_buffer_size} must be >= 1 and '
+            f'data.threadpool_size={data_cfg.threadpool_size} >= 0 (0 = one per core).'
+        )
+    if data_cfg.num_parallel_calls == 0 or data_cfg.prefetch_batches < -1:
+        raise ValueError(
+            f'data.num_parallel_calls={data_cfg.num_parallel_calls} must be -1 (autotune) or '
+            f'>= 1, and data.prefetch_batches={data_cfg.prefetch_batches} -1 or >= 0.'
+        )
     normalization(data_cfg, IMAGENET_MEAN, IMAGENET_STD)  # checks the shapes
 
 

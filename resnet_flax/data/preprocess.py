@@ -98,10 +98,6 @@ def center_crop(encoded: tf.Tensor, size: int, *, crop_fraction: float, method: 
     return resize(image, size, method, antialias)
 
 
-def resize_whole(encoded: tf.Tensor, size: int, *, method: str, antialias: bool) -> tf.Tensor:
-    return resize(decode(encoded), size, method, antialias)
-
-
 def pad_crop(image: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor:
     """Zero-pads (black, before normalisation, as torchvision's RandomCrop) and crops back."""
     if padding == 0:
@@ -115,7 +111,7 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
-    """0..255 -> (x / 255 - mean) / std, float32."""
-    mean = tf.constant(mean, tf.float32)
-    std = tf.constant(std, tf.float32)
-    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+    """0..255 -> (x / 255 - mean) / std, float32, as one multiply-add."""
+    scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
+    offset = tf.constant([-m / s for m, s in zip(mean, std, strict=True)], tf.float32)
+    return tf.cast(image, tf.float32) * scale + offset

@@ -40,10 +40,13 @@ def read_image_bytes(path: str) -> tuple[bytes, str]:
         with Image.open(io.BytesIO(encoded)) as image:
             image_format = image.format or ''
             image.load()  # a truncated or corrupt body fails here, not only a bad header
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise ValueError(f'{path} is not an image: PIL knows no image format with its contents; '
+                         'pass a JPEG, PNG, GIF, BMP, WEBP or TIFF file.') from None
+    except (OSError, SyntaxError, ValueError) as error:  # known format, broken contents
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise ValueError(f'{path} is not an image PIL can read ({reason}); pass a JPEG, PNG, '
-                         'GIF, BMP, WEBP or TIFF file.') from None
+        raise ValueError(f'{path} is a damaged image file ({reason}); pass an intact JPEG, '
+                         'PNG, GIF, BMP, WEBP or TIFF file.') from None
     return encoded, image_format
 
 

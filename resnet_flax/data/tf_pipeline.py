@@ -5,6 +5,7 @@ Import lazily: this module imports TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ import tensorflow as tf  # noqa: E402
 from resnet_flax.data import augment, preprocess  # noqa: E402
 
 # TensorFlow must leave the accelerators to JAX.
-tf.config.set_visible_devices([], 'GPU')
+with contextlib.suppress(RuntimeError):  # raised when TF already fixed its devices
+    tf.config.set_visible_devices([], 'GPU')
 
 Batch = dict[str, np.ndarray]
 

@@ -235,6 +235,9 @@ def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index:
     mean, std = normalization(data_cfg, found)
     records = _read(data_cfg, found, share, shuffle_seed=None)
     count = int(records.cardinality())
+    if count < 0:  # unknown to tf.data: count the raw records (nothing is decoded)
+        count = int(records.reduce(tf_pipeline.tf.constant(0, tf_pipeline.tf.int64),
+                                   lambda n, *_: n + 1))
     examples = records.map(tf_pipeline.eval_example_fn(data_cfg, crop, mean, std),
                            num_parallel_calls=tf_pipeline.parallel_calls(data_cfg),
                            deterministic=True)
