@@ -52,7 +52,7 @@ flags.DEFINE_bool('omp_passive', True,
 # The network in torch.nn (torchvision's layout)
 
 
-def build_torch_model(model_cfg) -> tuple[Any, str]:
+def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str]:
     """The config's ResNet as a torch module, and where it came from."""
     import torch.nn as nn
 
@@ -63,7 +63,7 @@ def build_torch_model(model_cfg) -> tuple[Any, str]:
         if getattr(flax_model, field) not in valid:
             raise ValueError(f'model.{field}={getattr(flax_model, field)!r}: the PyTorch '
                              f'baseline builds {field} in {valid} only.')
-    if FLAGS.torchvision:
+    if use_torchvision:
         model = _torchvision_model(flax_model, int(model_cfg.depth))
         if model is not None:
             return model, f'torchvision.models.resnet{int(model_cfg.depth)}'
@@ -147,7 +147,7 @@ class TorchSetup:
     """The model, optimizer, one synthetic batch on the device, and a train step over them."""
 
     def __init__(self, config, compile_model: str = 'auto', channels_last: str = 'auto',
-                 threads: int = 0):
+                 threads: int = 0, use_torchvision: bool = True):
         import torch
         import torch.nn.functional as F  # noqa: N812 (the usual name)
 
@@ -164,7 +164,7 @@ class TorchSetup:
         self.channels_last = _choice(channels_last, self.cuda)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
-        model, self.source = build_torch_model(config.model)
+        model, self.source = build_torch_model(config.model, use_torchvision)
         self.params = count_parameters(model)
         model = model.to(self.device, memory_format=memory_format).train()
         opt = config.optimizer
@@ -261,7 +261,8 @@ def main(argv: list[str]) -> None:
 
     if FLAGS.omp_passive:
         os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # read when torch starts OpenMP
-    setup = TorchSetup(config, FLAGS.torch_compile, FLAGS.channels_last, FLAGS.torch_threads)
+    setup = TorchSetup(config, FLAGS.torch_compile, FLAGS.channels_last, FLAGS.torch_threads,
+                       FLAGS.torchvision)
     start = time.perf_counter()
     setup(1)  # torch.compile compiles here
     first_step_s = time.perf_counter() - start

@@ -622,14 +622,14 @@ def main(argv: Sequence[str]) -> None:
         model, title, image_size = models.create(names[0]), names[0], flag_values.image_size
     else:
         raise ValueError('give one model name or --config; names: ' + ', '.join(models.names()))
-    network = trace(model, image_size or None, title)
+    network = trace(model, image_size or None, flag_values.title or title)
     if flag_values.text:
         chosen = [network.block(n) for n in flag_values.blocks] or pick_blocks(network)
-        print(format_network(network))
-        for block in chosen:
-            print('\n' + format_block(block))
+        texts = [format_network(network)] if flag_values.layout else []
+        print('\n\n'.join(texts + [format_block(block) for block in chosen]))
     if flag_values.out:
-        path = save(figure(network, flag_values.blocks), flag_values.out, flag_values.svg)
+        fig = figure(network, flag_values.blocks, flag_values.layout)
+        path = save(fig, flag_values.out, flag_values.svg)
         print(f'wrote {path}')
     elif not flag_values.text:
         raise ValueError('nothing to do: give --out FILE.png (or .svg) and/or --text')
@@ -645,7 +645,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer('image_size', None, 'Input size; default: the config, or 224 (32 CIFAR).')
     flags.DEFINE_list('blocks', [], 'Blocks to draw, e.g. stage1_block1,stage2_block1; default: '
                       'the first identity block and the first downsampling block.')
-    flags.DEFINE_bool('text', False, 'Also print the layout and the blocks as text.')
+    flags.DEFINE_bool('layout', True, 'Draw the stage layout next to the blocks (--nolayout: '
+                      'blocks only).')
+    flags.DEFINE_string('title', '', 'Title of the picture; default: the name or config file.')
+    flags.DEFINE_bool('text', False, 'Also print what is drawn as text.')
 
 
 if __name__ == '__main__':

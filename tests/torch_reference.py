@@ -84,6 +84,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.num_stages = len(layers)  # torchvision's 4, or fewer for a small test net
         for i, (width, count) in enumerate(zip(widths, layers, strict=True), start=1):
             setattr(self, f'layer{i}', self._make_layer(block, width, count, 1 if i == 1 else 2))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -110,7 +111,7 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(1, 5):
+        for i in range(1, self.num_stages + 1):
             x = getattr(self, f'layer{i}')(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

@@ -1,0 +1,25 @@
+"""Shortcut options A/B/C (He et al. 2015, Table 3) on a CIFAR ResNet-20, small digits setup.
+
+    python -m resnet_flax.sweep --sweep=configs/ablations/shortcut.py \
+        --workdir=/tmp/ablations/shortcut
+    python -m resnet_flax.sweep --report --workdir=/tmp/ablations/shortcut
+
+A: identity everywhere; where the shape changes, a strided identity with zero-padded channels
+   (no parameters). B: projection (1x1 conv + BN) where the shape changes, identity elsewhere.
+C: projection in every block. The paper's ImageNet ResNet-34 gets 25.03 / 24.52 / 24.19 %
+top-1 error with A / B / C. ResNet-20 here (widths 8/16/32 at 16x16) has 2 shape-changing
+blocks of 9: B adds 736 parameters to A's 68,050, C adds 3,728. Two seeds each: 6 runs, about
+10 minutes here (2 shared CPU cores). Results: docs/ablations.md.
+"""
+
+import ml_collections
+
+from configs.ablations import small_digits
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = small_digits.get_config()
+    config.model.depth = 20
+    config.axes = [('model.shortcut', ['A', 'B', 'C'])]  # variants 'shortcut=A', ...
+    config.seeds = (0, 1)
+    return config
