@@ -36,7 +36,7 @@ _OWN_FLAGS = ('--device_counts', '--timeout', '--json', '--nojson')
 
 def child_args(argv: list[str], batch_size_per_device: int) -> list[str]:
     """This run's flags for `bench.train_throughput`, without the ones only scaling takes."""
-    args = [a for a in argv if not a.split('=')[0] in _OWN_FLAGS]
+    args = [a for a in argv if a.split('=')[0] not in _OWN_FLAGS]
     args = [a for a in args if not a.startswith('--batch_size_per_device')]
     return [*args, f'--batch_size_per_device={batch_size_per_device}', '--json']
 

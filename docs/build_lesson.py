@@ -212,6 +212,12 @@ def _cost(overrides: dict[str, Any]) -> dict[str, Any]:
                 sizes='-'.join(map(str, model.stage_sizes)))
 
 
+def _digits_info() -> Any:
+    from resnet_flax import data
+
+    return data.get_info(experiment_config({}, seed=0).data)
+
+
 def _table(header: list[str], rows: list[list[str]], align: str = '') -> str:
     align = align or 'l' + 'r' * (len(header) - 1)
     rule = ['---:' if a == 'r' else '---' for a in align]
@@ -318,7 +324,7 @@ A plain stack of layers has to learn the whole mapping H(x) it is asked for. A r
 learns only the *residual* F(x) = H(x) - x and adds its input back: H(x) = F(x) + x, followed by
 a ReLU. If the best a block can do is to change nothing, F only has to go to zero; and the
 gradient reaches earlier layers through the `+` without passing through F's layers. This is
-what lets networks of 50, 100 or 1,000 layers train.
+what lets networks of hundreds of layers train (the family below goes up to ResNet-1202).
 
 Where each piece lives:
 
@@ -382,8 +388,8 @@ stage layout with the shape after every stage.
 {picture('img/resnet50.png', 'ResNet-50: bottleneck blocks and stage layout')}
 
 What the two designs buy: a bottleneck block carries four times as many channels from block
-to block (256 in ResNet-50's first stage, against 64 in ResNet-18's) for about the same
-parameters and MACs as a basic block, because its 3x3 conv, the expensive one, runs at the
+to block as its 3x3 conv works on (compare the `out` column below), for about the same
+parameters and MACs as a basic block, because that 3x3 conv, the expensive layer, runs at the
 reduced width. A basic block that carried as many channels would cost many times more:
 
 {cost}"""
@@ -392,12 +398,13 @@ reduced width. A basic block that carried as many channels would cost many times
 def section_stages() -> str:
     loop = run_python("""
         import inspect
+        import textwrap
         from resnet_flax import models
 
         lines = inspect.getsource(models.ResNet.__call__).splitlines()
         start = next(i for i, line in enumerate(lines) if 'for i, (size, width)' in line)
         end = next(i for i, line in enumerate(lines) if "name=f'stage{i}_block{j}'" in line)
-        print(inspect.cleandoc('\\n'.join(lines[start:end + 1])))
+        print(textwrap.dedent('\\n'.join(lines[start:end + 1])))
     """)
     per_block = run_python("""
         from resnet_flax import diagram, models, summary
@@ -444,10 +451,11 @@ Every block of ResNet-50, with the shape it receives and returns and what it cos
 Why the downsampling sits at the first block of a stage:
 
 - **Only one block per stage has to adapt its shortcut.** The shape changes once, where the
-  stage begins, so that one block (plus ResNet-50's first, which widens 64 -> 256) needs a
-  shortcut that is not the identity; all the other blocks keep the free identity shortcut
-  and the clean gradient path through it. The same stride is applied to the main path and to
-  the shortcut of that block, so F(x) and x arrive at the `+` with the same shape.
+  stage begins, so that one block (in ResNet-50 also the very first, which widens the stem's
+  output four-fold) needs a shortcut that is not the identity; all the other blocks keep the
+  free identity shortcut and the clean gradient path through it. The same stride is applied
+  to the main path and to the shortcut of that block, so F(x) and x arrive at the `+` with
+  the same shape.
 - **Every block then costs the same.** Halving height and width divides the positions by 4,
   doubling the width multiplies the cost per position by 4, so a block in stage 4 costs what
   a block in stage 1 costs (the identity blocks above are equal to the MAC). The network can
@@ -466,7 +474,7 @@ def section_names() -> str:
     names = run_python("""
         from resnet_flax import models, summary
 
-        print(f"{'name':18s} {'block':10s} {'blocks per stage':17s} {'2 + k x blocks':16s} "
+        print(f"{'name':18s} {'block':10s} {'blocks per stage':17s} {'2 + k x blocks':20s} "
               f"{'layers':>6s} {'weight layers':>13s} {'params':>8s}")
         for name in models.names():
             model = models.create(name)
@@ -475,7 +483,7 @@ def section_names() -> str:
             n = sum(model.stage_sizes)
             rule = f'2 + {k} x {n} = {2 + k * n}'
             print(f"{name:18s} {model.block:10s} {'-'.join(map(str, model.stage_sizes)):17s} "
-                  f"{rule:16s} {s['layers']:6d} {s['weight_layers']:13d} "
+                  f"{rule:20s} {s['layers']:6d} {s['weight_layers']:13d} "
                   f"{s['params'] / 1e6:7.2f}M")
     """)
     return f"""
@@ -488,9 +496,10 @@ convs per basic block and k = 3 per bottleneck block. ImageNet nets take their b
 stage from the paper's table (`models.IMAGENET_DEPTHS`); CIFAR nets have three stages of n
 blocks each, so 6n + 2 layers with basic blocks (`models.resolve`). The deep stem of
 ResNet-50-D has three 3x3 convs where ResNet-50 has one 7x7 conv; it still counts as one layer
-for the name, so its weight-layer count is 52. Wide ResNets and ResNeXts change widths and
-groups, not depth, and keep the name of the depth they are built on. For every member of the
-family, `summary.py` counts the layers from the traced model and the rule agrees:
+for the name, and only its weight-layer count shows the difference. Wide ResNets and ResNeXts
+change widths and groups, not depth, and keep the name of the depth they are built on. For
+every member of the family, `summary.py` counts the layers from the traced model, and the rule
+agrees:
 
 {names}"""
 
@@ -505,7 +514,7 @@ def question_shortcut(results: dict[str, Any], images: bool) -> str:
         def identity(x, **unused):  # the shortcut H(x) = F(x) + x asks for, never adapted
             return x
 
-        for name, size in (('resnet20', 32), ('resnet50', 64)):
+        for name, size in (('resnet20', 32), ('resnet50', 224)):
             try:
                 with mock.patch.object(blocks, 'shortcut', identity):
                     models.create(name).init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
@@ -558,9 +567,10 @@ Take the real ResNet-20 and ResNet-50, and replace their shortcut function by th
 which is what the formula says literally:
 
 {error}
-In ResNet-20 the first block of stage 2 turns 32x32x16 into 16x16x32; in ResNet-50 the very
-first block keeps 56x56 (the input here is 64x64, so 16x16) but widens 64 channels to 256.
-Neither can be added to its input, and JAX refuses. (The model code itself never gets there:
+In ResNet-20 the first block to fail is the first of stage 2, which halves the map and doubles
+the channels; in ResNet-50 it is already the first block of stage 1, which keeps the
+resolution but widens the channels four-fold (the bottleneck's expansion). Neither output can
+be added to its input, and JAX refuses. (The model code itself never gets there:
 `blocks.shortcut` adapts x whenever `needs_projection` says the shape changes. Swapping it
 out, as above, is the only way to see the failure; the configuration validation in
 `models.py` is the closest the code comes to refusing a shortcut that cannot adapt:)
@@ -611,8 +621,10 @@ def _shortcut_measurements(results: dict[str, Any]) -> str:
     a_cost, b_cost = (_cost(o) for o in group.values())
     table = _table(['shortcut', 'params', 'MACs', 'train images/s', 'top-1 % per seed',
                     'top-1 % mean ± sd'], rows)
+    info = _digits_info()
     return f"""
-Measured on the built-in digits data (1,437 train and 360 test images of handwritten digits):
+Measured on the built-in digits data ({info.num_train_examples:,} train and
+{info.num_eval_examples:,} test images of handwritten digits):
 the ResNet-8 of `configs/digits.py` trained for {protocol['num_epochs']} epochs at
 {protocol['image_size']}x{protocol['image_size']} (the digits are 8x8 images, so 16x16 holds all
 their pixels at a quarter of 32x32's cost), once per seed ({len(protocol['seeds']['shortcut'])}
@@ -639,6 +651,21 @@ appears in only a handful of blocks, so it costs little. The parameter-free alte
 learned channel mixing for zero cost, and the lesson's 1x1 convolution is the choice of the
 ImageNet models here (`shortcut='B'`, the default of the `imagenet` family).
 """
+
+
+def _imagenet_pair() -> str:
+    """ResNet-34 against ResNet-50, in numbers from summary.py."""
+    from resnet_flax import summary
+
+    s34, s50 = summary.summarize('resnet34'), summary.summarize('resnet50')
+    features = [s['stages'][-2]['output_shape'][-1] for s in (s34, s50)]
+    return (f"ResNet-34 and ResNet-50 cost about the same: ResNet-50 needs "
+            f"{s50['macs'] / s34['macs']:.2f}x the MACs of ResNet-34, yet has "
+            f"{s50['layers'] - s34['layers']} more layers and ends with "
+            f"{features[1] // features[0]}x as many features ({features[1]:,} against "
+            f"{features[0]:,}), because its bottleneck blocks spend their compute on a narrow 3x3 "
+            "conv and pass wide features, made by cheap 1x1 convs, between blocks. Per MAC the "
+            "bottleneck buys more depth and more width.")
 
 
 def question_budget(results: dict[str, Any]) -> str:
@@ -671,10 +698,7 @@ and why?*
 ### At ImageNet scale, from the code
 
 {run_shell('python -m resnet_flax.summary --compare resnet18 resnet34 resnet50 resnet101')}
-ResNet-34 and ResNet-50 cost about the same MACs; ResNet-50 has 16 more layers and ends with
-four times as many features (2,048 against 512), because its bottleneck blocks spend their
-compute on a narrow 3x3 conv and carry wide, cheap 1x1-projected features between blocks.
-Per MAC the bottleneck buys more depth and more width.
+{_imagenet_pair()}
 
 ### Measured on the built-in digits data
 
@@ -727,9 +751,10 @@ ANSWER_BUDGET = """**Answer.** Choose bottleneck blocks. What the numbers suppor
   easy to separate these nets, accuracy does not decide between them.
 
 So with a fixed compute budget and a need for depth, the bottleneck block is the one that
-scales: it is how ResNet-50/101/152 reach 50-152 layers at a cost a basic-block network pays
-for a few dozen. For shallow networks (under about 50 layers) the basic block is simpler and
-its fewer, larger layers run efficiently, which is why ResNet-18/34 and the CIFAR nets keep it.
+scales: it is how ResNet-50, -101 and -152 get their depth at a cost a basic-block network
+pays for far fewer layers. For shallow networks the basic block is simpler and its fewer,
+larger layers run efficiently, which is why ResNet-18/34 and the CIFAR nets keep it (the
+family switches block type at 50 layers: `models.IMAGENET_DEPTHS`).
 """
 
 

@@ -57,6 +57,9 @@ def create_manager(
         )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        # Orbax writes a checkpoint's metrics only when it tracks a best_fn.
+        best_fn=(lambda metrics: metrics['top1']) if keep_best else None,
+        best_mode='max',
         enable_async_checkpointing=True,
         cleanup_tmp_directories=not read_only,  # left by saves that a kill interrupted
         create=not read_only,

@@ -297,19 +297,6 @@ def convert_file(weights_file: str, out: str, name: str, num_classes: int | None
     return meta
 
 
-def config_flags_for(fields: Mapping[str, Any]) -> list[str]:
-    """The `--config.model.X=V` flags that make a config build this model (non-defaults)."""
-    flags = []
-    for key, value in fields.items():
-        default = models.CONFIG_DEFAULTS[key]
-        if value != default and not (isinstance(value, list) and tuple(value) == default):
-            shown = value
-            if isinstance(value, list | tuple):
-                shown = f'({",".join(map(str, value))}{"," if len(value) == 1 else ""})'
-            flags.append(f'--config.model.{key}={shown}')
-    return flags
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """'stage_widths=(8,16)' -> ('stage_widths', (8, 16)); values are Python literals or
     plain strings."""
@@ -338,7 +325,7 @@ def _main(argv: list[str]) -> None:
     print(f'Wrote {values.out}: {meta["name"]} with {meta["model"]["num_classes"]} classes '
           f'from {values.weights}.')
     print('Evaluate it:  python eval.py --config=CONFIG --checkpoint=' + str(values.out) + ' '
-          + ' '.join(config_flags_for(meta['model'])))
+          + ' '.join(weights.model_flags(meta['model'], models.CONFIG_DEFAULTS)))
     print(f'Fine-tune from it:  python train.py --config=CONFIG --workdir=DIR '
           f'--config.init_from={values.out} (same model fields; the head may differ)')
 

@@ -480,6 +480,9 @@ def draw_block(ax: Any, block: Block) -> None:
         for op, oy in zip(block.shortcut, sys_, strict=True):
             _arrow(ax, (short_x, previous), (short_x, oy + _BOX_H / 2))
             _box(ax, short_x, oy, width, op.label, _COLOURS.get(op.kind, '#f0f0f0'))
+            if op.kind in ('conv', 'pool', 'subsample', 'pad'):
+                ax.text(short_x + width / 2 + 0.08, oy, _dims(op.out_shape), ha='left',
+                        va='center', fontsize=7, color='#606060')
             previous = oy - _BOX_H / 2
         _line(ax, [short_x, short_x], [previous, add_y])
     else:
@@ -504,7 +507,7 @@ def draw_block(ax: Any, block: Block) -> None:
             fontweight='bold')
     ax.set_title(f'{block.name}: {block.module}\n{block.params:,} params, shortcut: '
                  f'{block.shortcut_kind}', fontsize=10)
-    ax.set_xlim(-1.6, 3.0)
+    ax.set_xlim(-1.6, 3.6)
     ax.set_ylim(end - 0.4, 0.4)
     ax.axis('off')
 
@@ -556,15 +559,12 @@ def draw_layout(ax: Any, network: Network) -> None:
 
 def figure(network: Network, block_names: Sequence[str] = (), layout: bool = True) -> Any:
     """A matplotlib Figure: the chosen blocks (default `pick_blocks`) and the stage layout."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     chosen = tuple(network.block(n) for n in block_names) or pick_blocks(network)
     rows = max(len(b.main) + len(b.after) for b in chosen)
     height = max(4.5, 1.2 + 0.56 * (rows + 3))
-    widths = [4.2] * len(chosen) + ([6.4] if layout else [])
+    widths = [4.6] * len(chosen) + ([6.4] if layout else [])
     fig = Figure(figsize=(sum(widths), height))
     axes = fig.subplots(1, len(widths), gridspec_kw=dict(width_ratios=widths), squeeze=False)[0]
     for ax, block in zip(axes, chosen, strict=False):
@@ -594,7 +594,9 @@ def save(fig: Any, path: str, svg: bool = False, dpi: int = 100) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
-    with matplotlib.rc_context({'svg.hashsalt': 'resnet-flax'}), out.open('wb') as f:
+    # Text stays text in SVG (searchable, smaller); fixed ids and no date keep it reproducible.
+    rc = {'svg.hashsalt': 'resnet-flax', 'svg.fonttype': 'none'}
+    with matplotlib.rc_context(rc), out.open('wb') as f:
         if out.suffix == '.svg':
             fig.savefig(f, format='svg', metadata={'Date': None})
         else:

@@ -40,7 +40,7 @@ def restore_model(config: ml_collections.ConfigDict, ckpt: weights.Checkpoint,
     target = weights.abstract_like(
         {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})},
         sharding.replicated(mesh))
-    return model, weights.load_variables(ckpt, target, use_ema)
+    return model, weights.load_variables(ckpt, target, use_ema, config.model)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -60,16 +61,10 @@ class Checkpoint:
         return any(name.startswith('ema_params/') for name in self.shapes)
 
 
-def flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """'a/b/c' -> shape of every array-like leaf of a nested dict (None leaves dropped)."""
-    flat = flax.traverse_util.flatten_dict(_as_dict(tree), sep='/')
+    flat = flax.traverse_util.flatten_dict(dict(tree), sep='/')
     return {name: tuple(leaf.shape) for name, leaf in flat.items() if hasattr(leaf, 'shape')}
-
-
-def _as_dict(tree: PyTree) -> dict:
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
-    return dict(tree) if isinstance(tree, Mapping) else tree
 
 
 def _read_meta(directory: epath.Path) -> dict[str, Any]:
@@ -189,20 +184,51 @@ def saved_variable_shapes(ckpt: Checkpoint, use_ema: bool = False) -> dict[str, 
     return renamed
 
 
-def mismatch_error(ckpt: Checkpoint, missing: list, unexpected: list,
-                   different: list) -> ValueError:
-    """One line naming the first difference between the checkpoint and the model."""
+def saved_model_fields(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The `model` config section the checkpoint was written with, when its meta says."""
+    if isinstance(ckpt.meta.get('model'), Mapping):  # converted weights
+        return dict(ckpt.meta['model'])
+    try:  # train checkpoints keep the whole config as a JSON string
+        return dict(json.loads(ckpt.meta['config'])['model'])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def model_flags(fields: Mapping[str, Any], reference: Mapping[str, Any]) -> list[str]:
+    """`--config.model.X=V` for each field of `fields` that differs from `reference`."""
+    flags = []
+    for key, value in fields.items():
+        current = reference.get(key)
+        if isinstance(value, list | tuple):
+            if isinstance(current, list | tuple) and tuple(current) == tuple(value):
+                continue
+            value = f'({",".join(map(str, value))}{"," if len(value) == 1 else ""})'
+        elif value == current:
+            continue
+        flags.append(f'--config.model.{key}={value}')
+    return flags
+
+
+def mismatch_error(ckpt: Checkpoint, missing: list, unexpected: list, different: list,
+                   model_cfg: Mapping[str, Any] | None = None) -> ValueError:
+    """One line naming the first difference between the checkpoint and the model, and, when
+    the checkpoint records its model, the config flags that would rebuild it."""
     fix = 'use the config of the model that wrote it'
+    saved = saved_model_fields(ckpt)
+    if saved is not None and model_cfg is not None:
+        current = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+        flags = model_flags(saved, current)
+        if flags:
+            fix = f'its model differs from the config in: {" ".join(flags)}'
+    where = f'Checkpoint {ckpt.description} does not fit this model'
     if different:
         name, there, here = different[0]
-        return ValueError(f'Checkpoint {ckpt.description} does not fit this model: {name} is '
-                          f'{there} there but {here} here; {fix}.')
+        return ValueError(f'{where}: {name} is {there} there but {here} here; {fix}.')
     if missing:
-        return ValueError(f'Checkpoint {ckpt.description} does not fit this model: it has no '
-                          f'{missing[0]} ({len(missing)} arrays missing); {fix}.')
-    return ValueError(f'Checkpoint {ckpt.description} does not fit this model: it has '
-                      f'{unexpected[0]}, which this model lacks ({len(unexpected)} extra '
-                      f'arrays); {fix}.')
+        return ValueError(f'{where}: it has no {missing[0]} ({len(missing)} arrays missing); '
+                          f'{fix}.')
+    return ValueError(f'{where}: it has {unexpected[0]}, which this model lacks '
+                      f'({len(unexpected)} extra arrays); {fix}.')
 
 
 def restore(ckpt: Checkpoint, target: PyTree, use_ema: bool = False) -> PyTree:
@@ -226,12 +252,14 @@ def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding | None = None) -
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
 
 
-def load_variables(ckpt: Checkpoint, target: PyTree, use_ema: bool = False) -> PyTree:
-    """All of `target`'s variables from `ckpt`, which must hold exactly those shapes."""
+def load_variables(ckpt: Checkpoint, target: PyTree, use_ema: bool = False,
+                   model_cfg: Mapping[str, Any] | None = None) -> PyTree:
+    """All of `target`'s variables from `ckpt`, which must hold exactly those shapes;
+    `model_cfg` (the config's model section) only improves the error message."""
     saved = saved_variable_shapes(ckpt, use_ema)
     missing, unexpected, different = compare(saved, flat_shapes(target))
     if missing or unexpected or different:
-        raise mismatch_error(ckpt, missing, unexpected, different)
+        raise mismatch_error(ckpt, missing, unexpected, different, model_cfg)
     return restore(ckpt, target, use_ema)
 
 

@@ -104,8 +104,6 @@ def test_a_step_directory_evaluates_like_its_workdir(trained):
     assert by_step['top1'] == by_workdir['top1'] and by_step['loss'] == by_workdir['loss']
 
 
-@pytest.mark.xfail(strict=True, reason='checkpoint.create_manager passes no best_fn to orbax, '
-                   'so the eval top-1 of a checkpoint is never written to disk')
 def test_best_step_is_the_one_with_the_highest_eval_top1(trained):
     logged = _eval_records(trained)
     best = max((3, 6), key=lambda s: (logged[s]['top1'], s))
@@ -127,7 +125,8 @@ def test_bad_checkpoints_and_steps_are_one_line_errors(trained, tmp_path):
     cases = [
         (lambda: eval_checkpoint.evaluate_checkpoint(wider, str(trained)),
          r'does not fit this model: params/stage2_block1/bn1/bias is \(16,\) there but '
-         r'\(32,\) here'),
+         r'\(32,\) here; its model differs from the config in: '
+         r'--config.model.stage_widths=\(8,16\)\.$'),
         (lambda: weights.locate(trained, 4), r'has no checkpoint of step 4; its steps: \[3, 6\]'),
         (lambda: weights.locate(trained, 'first'), "'first' is not a step number"),
         (lambda: weights.locate(tmp_path), 'holds no checkpoint'),

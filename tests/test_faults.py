@@ -49,6 +49,15 @@ TMP_SUFFIX = '.orbax-checkpoint-tmp'
 COMPILATION_CACHE: dict[str, str] = {}
 
 
+STARTED: list[Run] = []  # every train.py started here, so that none outlives a failed test
+
+
+def _stop(runs: list[Run]) -> None:
+    for run in runs:
+        if run.proc.poll() is None:
+            run.kill()
+
+
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
     COMPILATION_CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
@@ -56,6 +65,14 @@ def compilation_cache(tmp_path_factory):
                              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
     yield
     COMPILATION_CACHE.clear()
+    _stop(STARTED)
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_runs():
+    before = len(STARTED)
+    yield
+    _stop([run for run in STARTED[before:] if not run.shared])
 
 
 # ---- Running train.py in the background.
@@ -63,8 +80,9 @@ def compilation_cache(tmp_path_factory):
 class Run:
     """train.py in a subprocess, its output in files (a full pipe would block it)."""
 
-    def __init__(self, workdir: Path, logs: Path, name: str, **overrides):
+    def __init__(self, workdir: Path, logs: Path, name: str, shared: bool = False, **overrides):
         self.workdir = workdir
+        self.shared = shared  # outlives the test that started it (the reference run)
         env = cpu_env(**COMPILATION_CACHE) if COMPILATION_CACHE else cpu_env()
         self.stdout_path, self.stderr_path = logs / f'{name}.out', logs / f'{name}.err'
         flags = override_flags({**FAULT_FLAGS, **overrides})
@@ -74,6 +92,7 @@ class Run:
                  f'--workdir={workdir}', *flags],
                 cwd=REPO, env=env, stdout=out, stderr=err,
             )
+        STARTED.append(self)
         metrics = workdir / 'metrics.jsonl'
         self._offset = metrics.stat().st_size if metrics.exists() else 0
 
@@ -128,9 +147,11 @@ def _committed_steps(workdir: Path) -> list[int]:
 
 
 def _unfinished_saves(workdir: Path) -> list[str]:
+    """Temporary directories of asynchronous saves that have not been committed (yet)."""
     directory = workdir / checkpoint.CHECKPOINT_DIR
-    return sorted(p.name for p in directory.iterdir() if TMP_SUFFIX in p.name) \
-        if directory.exists() else []
+    if not directory.exists():
+        return []
+    return sorted(p.name for p in directory.iterdir() if TMP_SUFFIX in p.name)
 
 
 def _restore(workdir: Path, step: int | None = None):
@@ -186,7 +207,7 @@ class Reference:
 
     def __init__(self, root: Path):
         self.workdir = root / 'reference'
-        self.run = Run(self.workdir, root, 'reference')
+        self.run = Run(self.workdir, root, 'reference', shared=True)
         self._done = False
 
     def wait(self) -> Path:
@@ -215,8 +236,12 @@ def _assert_matches_reference(workdir: Path, reference: Reference) -> dict:
 
 # ---- (1) SIGKILL at random moments, again and again.
 
-def _kill_during(run: Run, phase: str, resumed_from: int, rng: random.Random) -> dict:
-    """Waits until `run` is in `phase`, SIGKILLs it, and says what the kill interrupted."""
+def _kill_during(run: Run, phase: str, resumed_from: int, leftovers: set[str],
+                 rng: random.Random) -> dict:
+    """Waits until `run` is in `phase`, SIGKILLs it, and says what the kill interrupted.
+
+    `leftovers` are the unfinished saves of earlier kills, there until `run` cleans them up.
+    """
     next_eval = resumed_from + EVAL_EVERY - resumed_from % EVAL_EVERY
     if phase == 'eval' and next_eval < TOTAL_STEPS:
         # The eval (and on a fresh start its compile) follows the train record of an eval step.
@@ -229,14 +254,15 @@ def _kill_during(run: Run, phase: str, resumed_from: int, rng: random.Random) ->
         first = resumed_from + CHECKPOINT_EVERY * rng.randint(1, 2)
 
         def saving() -> list[int]:
-            steps = [int(name.split('.')[0]) for name in _unfinished_saves(run.workdir)]
+            steps = [int(name.split('.')[0]) for name in _unfinished_saves(run.workdir)
+                     if name not in leftovers]
             return [s for s in steps if first <= s < TOTAL_STEPS]
 
         if run.wait_for(lambda: saving() or TOTAL_STEPS - 2 in run.train_steps(), poll=0.005):
             writing = saving()
             run.kill()
             return {'phase': 'checkpoint', 'step': writing[0] if writing else None,
-                    'interrupted_write': bool(_unfinished_saves(run.workdir))}
+                    'interrupted_write': bool(set(_unfinished_saves(run.workdir)) - leftovers)}
     # Somewhere inside a step, one or two checkpoints after the resume point.
     target = min(resumed_from + rng.randint(CHECKPOINT_EVERY + 1, 2 * CHECKPOINT_EVERY + 1),
                  TOTAL_STEPS - 3)
@@ -247,29 +273,42 @@ def _kill_during(run: Run, phase: str, resumed_from: int, rng: random.Random) ->
     return {'phase': 'step', 'step': max(steps) if steps else None}
 
 
+def _lock_holder(workdir: Path) -> int | None:
+    path = workdir / workdir_lock.LOCK_FILE
+    return json.loads(path.read_text())['pid'] if path.exists() else None
+
+
+def _took_over(run: Run, dead_pid: int | None) -> bool:
+    """`run` says it took over the lock that the killed `dead_pid` left (if any was left)."""
+    if dead_pid is None:
+        return False
+    said = [line for line in run.stderr.splitlines() if 'Took over the stale lock' in line]
+    assert said and f'(process {dead_pid} on' in said[0], run.stderr[-2000:]
+    return True
+
+
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_path, reference):
     rng = random.Random(SEED)
     workdir = tmp_path / 'killed'
     phases = []
     while len(phases) < ROUNDS:  # each phase once in every three rounds, in a random order
         phases += rng.sample(['step', 'checkpoint', 'eval'], 3)
-    kills, takeovers, locks_left, started = [], 0, 0, time.time()
+    kills, takeovers, started = [], 0, time.time()
+    left_by = None  # pid of the killed run whose lock is still in the workdir
     for round_index, phase in enumerate(phases[:ROUNDS]):
         resumed_from = max(_committed_steps(workdir), default=0)
+        leftovers = set(_unfinished_saves(workdir))
         run = Run(workdir, tmp_path, f'round{round_index}')
-        kill = _kill_during(run, phase, resumed_from, rng)
+        kill = _kill_during(run, phase, resumed_from, leftovers, rng)
         assert run.proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
-        kill['resumed_from'] = resumed_from
-        kill['lock_left'] = (workdir / workdir_lock.LOCK_FILE).exists()
-        kills.append(kill)
-        locks_left += kill['lock_left']
-        if round_index:
-            takeovers += 'Took over the stale lock' in run.stderr
+        takeovers += _took_over(run, left_by)
+        left_by = _lock_holder(workdir)
+        assert left_by == run.proc.pid, 'the killed run did not hold the workdir lock'
+        kills.append({**kill, 'resumed_from': resumed_from})
     final = Run(workdir, tmp_path, 'final')
     assert final.finish() == 0, final.stderr[-3000:]
-    takeovers += 'Took over the stale lock' in final.stderr
+    takeovers += _took_over(final, left_by)
 
-    assert takeovers == locks_left, 'a lock left by a killed run was not taken over'
     assert not _unfinished_saves(workdir), 'temporary directories of killed saves remain'
     assert not (workdir / checkpoint.QUARANTINE_DIR).exists(), 'a kill left an unreadable step'
     assert not (workdir / workdir_lock.LOCK_FILE).exists(), 'the finished run kept its lock'
