@@ -353,7 +353,7 @@ def benchmark_step(setup: Setup, inference: bool, steps_per_window: int, windows
         peak_memory_bytes=peak_memory_bytes(),
         memory_limit_bytes=memory_limit_bytes(),
         compiled_memory_bytes=compiled_memory_bytes(compiled),
-        compilation_cache=jax.config.jax_compilation_cache_dir or None,
+        compilation_cache=getattr(jax.config, 'jax_compilation_cache_dir', None) or None,
     )
     if not inference:
         result['final_loss'] = runner.last_loss()

@@ -184,9 +184,13 @@ class TorchSetup:
         ]
         kwargs = dict(lr=optim.peak_learning_rate(config), momentum=opt.momentum,
                       nesterov=opt.nesterov and opt.momentum > 0)
-        if self.cuda:
-            kwargs['fused'] = True
-        self.optimizer = torch.optim.SGD([g for g in groups if g['params']], **kwargs)
+        groups = [g for g in groups if g['params']]
+        self.optimizer_impl = 'default'
+        try:  # one fused kernel for the whole update, where this torch build has it
+            self.optimizer = torch.optim.SGD(groups, fused=self.cuda, **kwargs)
+            self.optimizer_impl = 'fused' if self.cuda else 'for-loop'
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = torch.optim.SGD(groups, **kwargs)
         self.model = torch.compile(model) if self.compiled else model
 
         size, batch = int(config.data.image_size), int(config.batch_size)
@@ -237,6 +241,7 @@ def torch_result(setup: TorchSetup, config, first_step_s: float, times: list[flo
         params=setup.params,
         dtype='bfloat16 autocast' if setup.autocast_dtype is not None else 'float32',
         torch_compile=setup.compiled,
+        sgd=setup.optimizer_impl,
         channels_last=setup.channels_last,
         image_size=int(config.data.image_size),
         batch_size=int(config.batch_size),

@@ -185,8 +185,12 @@ def check_compatible(saved: PyTree, target: PyTree, where: str) -> None:
         )
 
 
-def _verify_checksums(state: PyTree, saved: dict[str, list[int]], where: str) -> None:
-    for name, value in checksums(state).items():
+def verify_checksums(tree: PyTree, saved: dict[str, list[int]], where: str) -> None:
+    """Raises CheckpointCorruptError where an array of `tree` differs from `meta['checksums']`.
+
+    `tree` is the restored state or a part of it with the same names ({'params': ...}).
+    """
+    for name, value in checksums(tree).items():
         if saved.get(name) != value:
             raise CheckpointCorruptError(
                 f'Checkpoint {where} is damaged: {name} does not match the checksum saved with it.'
@@ -213,7 +217,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> P
     if not meta:  # save() always writes it: a checkpoint without it lost files
         raise CheckpointCorruptError(f'Checkpoint {where} has no readable meta item.')
     if 'checksums' in meta:  # checkpoints written before checksums existed are taken as they are
-        _verify_checksums(restored['state'], meta['checksums'], where)
+        verify_checksums(restored['state'], meta['checksums'], where)
     return restored['state']
 
 

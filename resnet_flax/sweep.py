@@ -268,19 +268,21 @@ def execute(run: Run, argv: list[str], last_step: int) -> int:
     run.workdir.mkdir(parents=True, exist_ok=True)
     status_path = run.workdir / RUN_FILE
     status = _read_json(status_path)
-    start = time.time()
-    with (run.workdir / LOG_FILE).open('a') as log:
-        log.write(f'$ {shlex.join(argv)}\n')
-        log.flush()
-        returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
-    status.update(
-        command=shlex.join(argv),
-        attempts=status.get('attempts', 0) + 1,
-        wall_time_sec=status.get('wall_time_sec', 0.0) + time.time() - start,
-        returncode=returncode,
-        finished=is_finished(run.workdir, last_step),
-    )
-    status_path.write_text(json.dumps(status, indent=1) + '\n')
+    start, returncode = time.time(), None
+    try:
+        with (run.workdir / LOG_FILE).open('a') as log:
+            log.write(f'$ {shlex.join(argv)}\n')
+            log.flush()
+            returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
+    finally:  # an interrupted attempt (Ctrl-C) still counts its time
+        status.update(
+            command=shlex.join(argv),
+            attempts=status.get('attempts', 0) + 1,
+            wall_time_sec=status.get('wall_time_sec', 0.0) + time.time() - start,
+            returncode=returncode,
+            finished=is_finished(run.workdir, last_step),
+        )
+        status_path.write_text(json.dumps(status, indent=1) + '\n')
     return returncode
 
 
@@ -360,6 +362,7 @@ def gather_run(run: Run) -> dict[str, Any] | None:
         final_step=last_step, step=evals[-1]['step'] if evals else 0, finished=final is not None,
         top1=final['top1'] if final else None, top5=final['top5'] if final else None,
         loss=final['loss'] if final else None,
+        num_examples=final.get('num_examples') if final else None,
         images_per_sec=statistics.median(speeds) if speeds else None,
         wall_time_sec=status.get('wall_time_sec'),
         train_curve=[(r['step'], r['loss']) for r in train],
@@ -470,28 +473,32 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], cost: str, path: epath.Path, t
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: epath.Path, title: str) -> None:
-    """Train loss and eval top-1 against step for every variant (mean over seeds)."""
+    """Train loss and eval top-1 error against step for every variant (mean over seeds).
+
+    Both on log scales, so the first epochs and the last fraction of a percent both show (an
+    error of exactly 0 is left out).
+    """
     from matplotlib.figure import Figure
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import FuncFormatter, LogFormatter
 
     fig = Figure(figsize=(10, 4), layout='constrained')
-    loss_ax, top1_ax = fig.subplots(1, 2)
+    loss_ax, error_ax = fig.subplots(1, 2)
     for i, row in enumerate(rows):
         if row['train_curve']:
             loss_ax.plot(*zip(*row['train_curve'], strict=True), color=f'C{i}',
                          label=row['variant'], linewidth=1.2)
         if row['eval_curve']:
             steps, top1 = zip(*row['eval_curve'], strict=True)
-            top1_ax.plot(steps, [100 * t for t in top1], 'o-', color=f'C{i}',
-                         label=row['variant'], linewidth=1.2, markersize=3)
-    loss_ax.set_yscale('log')
-    loss_ax.yaxis.set_major_formatter(LogFormatter())  # 0.01, 0.1, 1 rather than 10^-2 ...
-    loss_ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(1, 0.4)))
+            error_ax.plot(steps, [100 * (1 - t) for t in top1], 'o-', color=f'C{i}',
+                          label=row['variant'], linewidth=1.2, markersize=3)
+    for ax in (loss_ax, error_ax):
+        ax.set_yscale('log')
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))  # 0.1, not 10^-1
+        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(1, 0.4)))
+        ax.grid(alpha=0.3, which='both')
     loss_ax.set(xlabel='step', ylabel='train loss', title='train loss (logged windows)')
-    top1_ax.set(xlabel='step', ylabel='eval top-1 (%)', title='eval top-1')
-    for ax in (loss_ax, top1_ax):
-        ax.grid(alpha=0.3)
-    top1_ax.legend(fontsize=8)
+    error_ax.set(xlabel='step', ylabel='eval top-1 error (%)', title='eval top-1 error')
+    error_ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
@@ -512,7 +519,7 @@ def report(workdir: epath.PathLike, variant_list: Sequence[Variant] | None = Non
             run = Run(variant, seed, workdir / variant.name / f'seed{seed}')
             record = gather_run(run)
             if record is None:
-                missing.append(f'{run.label} (not started)')
+                missing.append(f'{run.label} (no results yet)')
                 continue
             records.append(record)
             if not record['finished']:
@@ -530,6 +537,12 @@ def report(workdir: epath.PathLike, variant_list: Sequence[Variant] | None = Non
             'model as configured; images/s is the median of the logged train windows; wall time '
             'per run includes start-up, compilation, evaluation and checkpoints.', '',
             markdown_table(rows), '']
+    sizes = {r['num_examples'] for r in records if r['finished'] and r['num_examples']}
+    if len(sizes) == 1:
+        n, p = sizes.pop(), rows[0]['top1_mean']
+        text += [f'The eval split has {n:,} examples: one example is {100 / n:.2f}% top-1, and '
+                 f'the sampling error of a top-1 near {100 * p:.1f}% is '
+                 f'±{100 * (p * (1 - p) / n) ** 0.5:.2f}% (binomial std).', '']
     if missing:
         text += ['Not included: ' + ', '.join(missing) + '.', '']
     files = {name: workdir / name for name in ('results.md', 'results.csv', 'runs.csv',
