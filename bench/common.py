@@ -314,9 +314,8 @@ def environment() -> dict[str, Any]:
 
 def describe_config(config: ml_collections.ConfigDict, model: models.ResNet) -> dict[str, Any]:
     """The benchmarked settings in a few fields."""
-    family = 'bottleneck' if model.block == 'bottleneck' else 'basic'
     return dict(
-        model=f'{family} {"-".join(map(str, model.stage_sizes))} '
+        model=f'{model.block} {"-".join(map(str, model.stage_sizes))} '
               f'widths {"-".join(map(str, model.stage_widths))}',
         depth=int(config.model.depth),
         dtype=str(config.model.dtype),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from absl import app
 
 from bench import common
+from resnet_flax import cli
 
 FLAGS = common.FLAGS
 
@@ -30,4 +31,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
     common.define_flags()
-    app.run(main)
+    cli.run(main)  # bad input: a one-line error, no traceback

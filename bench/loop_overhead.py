@@ -30,9 +30,10 @@ from typing import Any
 
 import jax
 from absl import app, flags
+from etils import epath
 
 from bench import common
-from resnet_flax import metrics, train
+from resnet_flax import cli, metrics, train
 
 FLAGS = common.FLAGS
 flags.DEFINE_string('workdir', '', 'Workdir of the loop run; default: a temporary directory.')
@@ -83,6 +84,10 @@ def run_loop(config, skipped: int, windows: int, workdir: str) -> dict[str, Any]
         start = time.perf_counter()
         train.train_and_evaluate(config, workdir)
         wall = time.perf_counter() - start
+    if len(stamps) != config.num_train_steps:
+        raise RuntimeError(f'timed {len(stamps)} of the loop\'s {config.num_train_steps} steps: '
+                           'train_and_evaluate no longer builds its step with '
+                           'train.jit_train_step; update bench/loop_overhead.py.')
     bounds = [stamps[k * steps_per_window] for k in range(skipped, skipped + windows + 1)]
     times = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     logged = {r['step']: r['images_per_sec'] for r in metrics.read_metrics(workdir, 'train')}
@@ -95,6 +100,10 @@ def run_loop(config, skipped: int, windows: int, workdir: str) -> dict[str, Any]
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if FLAGS.workdir and epath.Path(FLAGS.workdir).exists() and any(
+            epath.Path(FLAGS.workdir).iterdir()):
+        raise ValueError(f'--workdir={FLAGS.workdir} is not empty; the loop would resume from '
+                         'it. Give an empty or new directory, or none (a temporary one).')
     config = common.config_from_flags()
     setup = common.setup_train(config)
     devices = jax.device_count()
@@ -139,4 +148,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
     common.define_flags(steps_default=10, windows_default=5)
-    app.run(main)
+    cli.run(main)  # bad input: a one-line error, no traceback

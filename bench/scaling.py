@@ -26,6 +26,7 @@ from typing import Any
 from absl import app, flags
 
 from bench import common
+from resnet_flax import cli
 
 FLAGS = common.FLAGS
 flags.DEFINE_list('device_counts', ['1', '2', '4', '8'], 'Simulated CPU device counts.')
@@ -95,4 +96,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
     common.define_flags()
-    app.run(main)
+    cli.run(main)  # bad input: a one-line error, no traceback

@@ -33,7 +33,7 @@ import jax
 from absl import app, flags
 
 from bench import common
-from resnet_flax import models, optim
+from resnet_flax import cli, models, optim
 
 FLAGS = common.FLAGS
 flags.DEFINE_enum('torch_compile', 'auto', ['auto', 'yes', 'no'],
@@ -324,4 +324,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
     common.define_flags(steps_default=10, windows_default=5)
-    app.run(main)
+    cli.run(main)  # bad input: a one-line error, no traceback

@@ -15,6 +15,7 @@ from __future__ import annotations
 from absl import app
 
 from bench import common
+from resnet_flax import cli
 
 FLAGS = common.FLAGS
 
@@ -32,4 +33,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
     common.define_flags()
-    app.run(main)
+    cli.run(main)  # bad input: a one-line error, no traceback

@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -229,12 +230,17 @@ def _seeds(t: dict[str, Any]) -> str:
     return ', '.join(f'{v:.1f}' for v in t['values'])
 
 
+def _resolved(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Is the difference of two means larger than the seeds' scatter (sd, and no overlap)?"""
+    overlap = a['low'] <= b['high'] and b['low'] <= a['high']
+    return not overlap and abs(b['mean'] - a['mean']) > max(a['sd'], b['sd'])
+
+
 def _verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
     """How a difference of means compares with the seed-to-seed spread."""
     diff = b['mean'] - a['mean']
     spread = max(a['sd'], b['sd'])
-    overlap = a['low'] <= b['high'] and b['low'] <= a['high']
-    if abs(diff) <= spread or overlap:
+    if not _resolved(a, b):
         return (f'{diff:+.1f} points, which is within the seed-to-seed spread (the ranges '
                 f'{a["low"]:.1f}-{a["high"]:.1f} and {b["low"]:.1f}-{b["high"]:.1f} overlap): '
                 'no difference this experiment can resolve')
@@ -640,16 +646,7 @@ Option B adds {b_cost['params'] - a_cost['params']:,} parameters
 ({100 * (b_cost['macs'] / a_cost['macs'] - 1):.1f}%). Its mean top-1 differs from option A's
 by {_verdict(a, b)}.
 
-**Answer.** The shortcut must be adjusted because F(x) + x is an elementwise sum: when the
-main path halves the resolution and widens the channels, x no longer has F(x)'s shape and the
-sum is not defined (the error above). The adjustment has to give x the new shape while
-keeping the shortcut short and cheap. A 1x1 convolution with the block's stride does exactly
-that: it is the cheapest layer that can map every input channel to every output channel at
-the new resolution, and because the shape changes only at the first block of each stage it
-appears in only a handful of blocks, so it costs little. The parameter-free alternative
-(option A) works too, as the table shows on this small problem; it trades the projection's
-learned channel mixing for zero cost, and the lesson's 1x1 convolution is the choice of the
-ImageNet models here (`shortcut='B'`, the default of the `imagenet` family).
+{_answer_shortcut(a, b, a_cost, b_cost)}
 """
 
 
@@ -666,6 +663,30 @@ def _imagenet_pair() -> str:
             f"{features[0]:,}), because its bottleneck blocks spend their compute on a narrow 3x3 "
             "conv and pass wide features, made by cheap 1x1 convs, between blocks. Per MAC the "
             "bottleneck buys more depth and more width.")
+
+
+def _answer_shortcut(a: dict[str, Any], b: dict[str, Any], a_cost: dict[str, Any],
+                     b_cost: dict[str, Any]) -> str:
+    diff = b['mean'] - a['mean']
+    if _resolved(a, b):
+        measured = (f"On digits the projection {'helped' if diff > 0 else 'hurt'} by "
+                    f"{abs(diff):.1f} points, more than the seeds scatter.")
+    else:
+        measured = ('On digits the two fixes cannot be told apart: the difference in top-1 is '
+                    'smaller than the scatter between seeds, for '
+                    f"{100 * (b_cost['params'] / a_cost['params'] - 1):.1f}% more parameters. "
+                    'This easy problem does not need the learned channel mixing; harder ones '
+                    '(ImageNet) are where He et al. found projections ahead (2015, Table 3).')
+    return f"""**Answer.** The shortcut must be adjusted because F(x) + x is an elementwise sum:
+when the main path halves the resolution and widens the channels, x no longer has F(x)'s shape
+and the sum is not defined (the error above). The adjustment must give x the new shape while
+keeping the shortcut short and cheap. A 1x1 convolution with the block's stride does exactly
+that: it is the cheapest layer that maps every input channel to every output channel at the new
+resolution, and because the shape changes only in the first block of a stage it appears in only
+a handful of blocks, so it costs little (the tables above). Zero-padding (option A) is the
+free alternative: it fixes the shape but not the content, since the new channels start empty
+and three of four positions are dropped. {measured}
+"""
 
 
 def question_budget(results: dict[str, Any]) -> str:
@@ -730,31 +751,59 @@ measurement (load average {machine['load_average_start'][0]:.1f} at the start,
   {matched['layers'] - basic['layers']} more layers, and trains at
   {speed_ratio(m_name, b_name)} its images/s. Top-1: {_verdict(tops[b_name], tops[m_name])}.
 
-{ANSWER_BUDGET}
+{_answer_budget(costs, tops, speed, names=list(group))}
 """
 
 
-ANSWER_BUDGET = """**Answer.** Choose bottleneck blocks. What the numbers support:
+def _answer_budget(costs: dict[str, Any], tops: dict[str, Any], speed: dict[str, Any],
+                   names: list[str]) -> str:
+    basic, deep, matched = names
+    rate = {n: speed[n]['images_per_sec'] for n in names}
+    mac_rate = {n: rate[n] * costs[n]['macs'] for n in names}  # MACs per second, forward
+    slower = [n for n in (deep, matched) if rate[n] < rate[basic]]
+    speed_words = ('slower' if len(slower) == 2 else 'faster' if not slower else 'mixed')
+    resolved = [_resolved(tops[basic], tops[n]) for n in (deep, matched)]
+    accuracy = ('Accuracy did not separate them: every difference between the nets is smaller '
+                'than the scatter between seeds, on a problem easy enough that all reach about '
+                f"{min(t['mean'] for t in tops.values()):.0f}% or more."
+                if not any(resolved) else
+                'Accuracy did separate some of them (see the comparisons above).')
+    param_ratio = costs[matched]['params'] / costs[basic]['params']
+    if speed_words == 'slower':
+        why = ('The likely reason is memory traffic rather than arithmetic: a bottleneck block '
+               'has three convs, three BNs and four-times-wider activations between blocks where '
+               'a basic block has two of each, and thin layers do little arithmetic per byte '
+               'they move; on two CPU cores at these small widths that traffic, not the '
+               'multiplications, sets the pace. At such widths, for time, the basic block is the '
+               'better buy.')
+        caveat = ('on this machine, with small widths, the same MACs ran markedly slower in '
+                  'bottleneck blocks, and shallow, narrow nets (ResNet-18/34, the CIFAR nets) '
+                  'are better served by basic blocks.')
+    else:
+        why = 'Here the savings in MACs did not cost speed.'
+        caveat = 'here MACs and time agreed, which is not true of every machine.'
+    return f"""**Answer.** It depends on what the budget counts, and the measurements separate the
+two cases.
 
-- *Depth per unit of compute.* A bottleneck block puts three layers where a basic block puts
-  two, and at the same inner width it costs about the same MACs, because its one expensive
-  layer, the 3x3 conv, runs on a quarter of the channels. At matched MACs the bottleneck net is
-  deeper, at ImageNet scale (ResNet-50 against ResNet-34) and here.
-- *Width for free.* The features passed between bottleneck blocks are four times wider than
-  the 3x3 conv that processes them, so the network carries a much richer representation for
-  the same budget; a basic block that carried as many channels would cost many times more
-  (section 2).
-- *What it costs.* More layers means more sequential, smaller operations and more memory for
-  activations: MACs are not time. The measured images/s above show how much of the MAC budget
-  turns into speed on this machine; on an accelerator the gap between MACs and time is
-  usually smaller for large batches and larger for small ones. On digits, a problem far too
-  easy to separate these nets, accuracy does not decide between them.
+- *If the budget is MACs or parameters* (the lesson's "compute"), choose **bottleneck
+  blocks**. At matched MACs the bottleneck net is deeper ({costs[matched]['layers']} layers
+  against {costs[basic]['layers']} here, with {param_ratio:.2f}x the parameters; ResNet-50
+  against ResNet-34 at ImageNet scale) and passes features four times wider than its 3x3 convs
+  between blocks, because its one expensive layer, the 3x3 conv, runs
+  at a quarter of the block's width. A basic block that carried as many channels would cost
+  many times the MACs (section 2). This is why the family switches to bottleneck blocks from
+  ResNet-50 on (`models.IMAGENET_DEPTHS`) and how ResNet-101 and -152 stay affordable.
+- *If the budget is training time on this machine*, MACs are not time. Here the bottleneck
+  nets trained at {rate[deep] / rate[basic]:.2f}x ({deep}) and {rate[matched] / rate[basic]:.2f}x
+  ({matched}) the images/s of {basic} ({speed_words}), that is
+  {mac_rate[deep] / mac_rate[basic]:.2f}x and {mac_rate[matched] / mac_rate[basic]:.2f}x its
+  MACs per second. {why}
+- {accuracy}
 
-So with a fixed compute budget and a need for depth, the bottleneck block is the one that
-scales: it is how ResNet-50, -101 and -152 get their depth at a cost a basic-block network
-pays for far fewer layers. For shallow networks the basic block is simpler and its fewer,
-larger layers run efficiently, which is why ResNet-18/34 and the CIFAR nets keep it (the
-family switches block type at 50 layers: `models.IMAGENET_DEPTHS`).
+So for a deep network on a limited compute budget, the bottleneck block: it is the only one of
+the two that buys depth and width at a price in MACs and parameters that stays affordable, as
+ResNet-50 against ResNet-34 shows. Check the price in time on the target hardware, though:
+{caveat}
 """
 
 
@@ -780,11 +829,43 @@ drawn labels are the model's.
 # Command line
 
 
+def _reflow(markdown: str, width: int = 96) -> str:
+    """Rewraps the prose (paragraphs and list items) of generated markdown; code blocks,
+    tables, headings and HTML stay as they are."""
+    out: list[str] = []
+    prose: list[list[str]] = []  # list items (or one paragraph), each a list of lines
+
+    def flush() -> None:
+        for item in prose:
+            marker = re.match(r'^(- |\d+\. )', item[0])
+            indent = ' ' * len(marker.group(1)) if marker else ''
+            out.append(textwrap.fill(' '.join(line.strip() for line in item), width,
+                                     subsequent_indent=indent, break_long_words=False,
+                                     break_on_hyphens=False))
+        prose.clear()
+
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith('```') or fenced:
+            flush()
+            out.append(line)
+            fenced = fenced != line.startswith('```')
+        elif not line.strip() or line.startswith(('|', '<', '#', '>')):
+            flush()
+            out.append(line)
+        elif re.match(r'^(- |\d+\. )', line) or not prose:
+            prose.append([line])
+        else:
+            prose[-1].append(line)
+    flush()
+    return '\n'.join(out) + '\n'
+
+
 def build(results: dict[str, Any], images: bool) -> str:
     parts = [header(results), section_residual(), section_blocks(images), section_stages(),
              section_names(), question_shortcut(results, images), question_budget(results),
              section_rebuild(results)]
-    return '\n'.join(part.strip('\n') + '\n' for part in parts)
+    return _reflow('\n'.join(part.strip('\n') + '\n' for part in parts))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,8 @@ Each (variant, seed) trains in `DIR/VARIANT/seedS` with `train.py --config=SWEEP
 `--print-commands` gives a cluster scheduler). A run whose final step's eval is in its
 metrics.jsonl is skipped; any other resumes from its newest checkpoint (train.py does that).
 `--config.KEY=VALUE` flags change every variant (e.g. `--config.data.dataset=cifar10`); they
-may not touch a key the sweep varies. Each run's output goes to its `train.log`, its wall time
+may not touch a key the sweep varies. `--config.seeds=(0,1,2)` changes the seeds (finished runs
+of the other seeds are kept). Each run's output goes to its `train.log`, its wall time
 (start-up and compilation included, summed over attempts) to its `sweep_run.json`.
 
 `--report` reads every run's config.json and metrics.jsonl and writes, in DIR: `results.md`
@@ -601,7 +602,9 @@ def main(argv: Sequence[str]) -> None:
     if sweep is None:
         raise ValueError('give the sweep file: --sweep=configs/ablations/depth.py')
     sweep_file = FLAGS['config'].config_filename
-    overrides = dict(FLAGS['config'].override_values)
+    # --config.seeds=(0,1,2) changes the sweep itself (already applied to it), not train.py.
+    overrides = {k: v for k, v in FLAGS['config'].override_values.items()
+                 if k not in SWEEP_FIELDS}
     check_overrides(sweep, overrides)
     runs = plan(sweep, FLAGS.workdir, FLAGS.variants)
     if FLAGS['print-commands'].value:

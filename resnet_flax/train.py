@@ -265,8 +265,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             eval_due = schedule.is_due(step, schedule.eval_every)
             checkpoint_due = schedule.is_due(step, schedule.checkpoint_every)
             if schedule.is_due(step, schedule.log_every) or eval_due or checkpoint_due:
+                train_summary = _mean_metrics(window)  # waits for the window's last step
                 elapsed = time.time() - window_start
-                train_summary = _mean_metrics(window)
                 train_summary['images_per_sec'] = len(window) * config.batch_size / elapsed
                 if skipped_images is not None:
                     train_summary['skipped_images'] = skipped_images

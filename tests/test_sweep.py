@@ -135,11 +135,13 @@ def test_sweep_resumes_skips_and_reports_the_runs_real_metrics(tmp_path):
 def test_print_commands_reproduce_each_runs_config(tmp_path, monkeypatch):
     """Every printed train.py command parses (as train.py parses it) to the run's config."""
     out = _sweep_cli('--sweep=configs/ablations/block_type.py', f'--workdir={tmp_path}',
-                     '--print-commands', '--config.data.dataset=cifar10').stdout
+                     '--print-commands', '--config.data.dataset=cifar10',
+                     '--config.seeds=(0,1,2)').stdout
     lines = out.strip().splitlines()
     base = _load('block_type')
+    base.seeds = (0, 1, 2)  # a sweep field: it sets the runs, and is no train.py flag
     runs = sweep.plan(base, tmp_path)
-    assert len(lines) == len(runs) == 8
+    assert len(lines) == len(runs) == 4 * 3 and '--config.seeds' not in out
     for line, run in zip(lines, runs, strict=True):
         argv = shlex.split(line)
         assert argv[:3] == ['python', 'train.py', '--config=configs/ablations/block_type.py']
@@ -152,8 +154,9 @@ def test_print_commands_reproduce_each_runs_config(tmp_path, monkeypatch):
         parsed = flag_values.config
         expected = sweep.run_config(base, run, {'data.dataset': 'cifar10'})
         assert parsed.data.dataset == 'cifar10' and parsed.seed == run.seed
-        assert parsed.to_dict() == expected.to_dict()
-    assert json.loads((tmp_path / sweep.SWEEP_FILE).read_text())['seeds'] == [0, 1]
+        training = lambda c: {k: v for k, v in c.to_dict().items() if k not in sweep.SWEEP_FIELDS}
+        assert training(parsed) == training(expected)
+    assert json.loads((tmp_path / sweep.SWEEP_FILE).read_text())['seeds'] == [0, 1, 2]
 
 
 @pytest.mark.parametrize('name', ABLATIONS)
