@@ -169,8 +169,9 @@ def run_shell(command: str, images: bool = True) -> str:
     With images=False a command that writes a picture is shown but not run (the test does
     not redraw them); its printed text then comes from running it with --out removed."""
     args = shlex.split(command)
-    if not images and any(a.startswith('--out') for a in args):
-        args = [a for a in args if not a.startswith('--out')]
+    if not images and '--out' in args:
+        at = args.index('--out')
+        args = args[:at] + args[at + 2:]
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, *args[1:]], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -272,13 +273,15 @@ The lesson on residual blocks ends with two questions, answered with evidence at
 2. With a limited compute budget but a need for a deep network, which block would you choose,
    and why? ([answer](#6-question-2-which-block-for-a-deep-network-on-a-budget))
 
-Contents: [1. H(x) = F(x) + x](#1-hx--fx--x) ·
-[2. Anatomy of a block](#2-anatomy-of-a-block-basic-and-bottleneck) ·
-[3. Stages](#3-stacking-blocks-into-stages-and-why-the-first-block-downsamples) ·
-[4. Names](#4-how-the-names-count-layers) ·
-[5. Question 1](#5-question-1-why-the-shortcut-must-adapt) ·
-[6. Question 2](#6-question-2-which-block-for-a-deep-network-on-a-budget) ·
-[7. Rebuilding](#7-rebuilding-this-page)
+Contents:
+
+- [1. H(x) = F(x) + x](#1-hx--fx--x)
+- [2. Anatomy of a block: basic and bottleneck](#2-anatomy-of-a-block-basic-and-bottleneck)
+- [3. Stages](#3-stacking-blocks-into-stages-and-why-the-first-block-downsamples)
+- [4. How the names count layers](#4-how-the-names-count-layers)
+- [5. Question 1: the shortcut](#5-question-1-why-the-shortcut-must-adapt)
+- [6. Question 2: the budget](#6-question-2-which-block-for-a-deep-network-on-a-budget)
+- [7. Rebuilding this page](#7-rebuilding-this-page)
 """
 
 
@@ -738,7 +741,7 @@ Training images/s is the median of {protocol['throughput_windows']} windows of
 (`train.jit_train_step`, through `bench/common.py`) at batch size
 {speed[b_name]['batch_size']}, the windows taken in turn over all five models of this page so
 that they share the machine's load (± is half the spread between windows). This machine:
-{machine['cpus']} CPU cores ({machine['backend']}), shared with other work during the
+{machine['cpus']} CPU cores (JAX backend: {machine['backend']}), shared with other work during the
 measurement (load average {machine['load_average_start'][0]:.1f} at the start,
 {machine['load_average_end'][0]:.1f} at the end), so treat the speeds as rough ratios.
 

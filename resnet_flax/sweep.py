@@ -364,6 +364,7 @@ def gather_run(run: Run) -> dict[str, Any] | None:
         top1=final['top1'] if final else None, top5=final['top5'] if final else None,
         loss=final['loss'] if final else None,
         num_examples=final.get('num_examples') if final else None,
+        train_loss=train[-1]['loss'] if final and train else None,  # the last logged window
         images_per_sec=statistics.median(speeds) if speeds else None,
         wall_time_sec=status.get('wall_time_sec'),
         train_curve=[(r['step'], r['loss']) for r in train],
@@ -385,7 +386,7 @@ def _mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int
     return [(s, statistics.mean(t[s] for t in tables)) for s in shared]
 
 
-METRICS = ('top1', 'top5', 'loss', 'images_per_sec', 'wall_time_sec')
+METRICS = ('top1', 'top5', 'loss', 'train_loss', 'images_per_sec', 'wall_time_sec')
 
 
 def summarize_variants(variant_list: Sequence[Variant],
@@ -418,13 +419,14 @@ def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int =
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ['variant', 'overrides', 'seeds', 'params', 'MACs', 'top-1 (%)', 'top-5 (%)',
-              'eval loss', 'images/s', 'wall time (s)']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * 3 + ['---:'] * 7) + '|']
+              'eval loss', 'train loss', 'images/s', 'wall time (s)']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * 3 + ['---:'] * 8) + '|']
     for r in rows:
         cells = [r['variant'], f"`{r['overrides']}`" if r['overrides'] else '', str(r['seeds']),
                  f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}M",
                  _pm(r['top1_mean'], r['top1_std'], 100), _pm(r['top5_mean'], r['top5_std'], 100),
                  _pm(r['loss_mean'], r['loss_std'], digits=4),
+                 _pm(r['train_loss_mean'], r['train_loss_std'], digits=4),
                  _pm(r['images_per_sec_mean'], r['images_per_sec_std'], digits=0),
                  _pm(r['wall_time_sec_mean'], r['wall_time_sec_std'], digits=0)]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -434,7 +436,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 VARIANT_COLUMNS = ['variant', 'overrides', 'seeds', 'steps', 'params', 'macs',
                    *(f'{m}_{s}' for m in METRICS for s in ('mean', 'std'))]
 RUN_COLUMNS = ['variant', 'seed', 'finished', 'step', 'final_step', 'top1', 'top5', 'loss',
-               'images_per_sec', 'wall_time_sec', 'workdir']
+               'train_loss', 'images_per_sec', 'wall_time_sec', 'workdir']
 
 
 def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -534,9 +536,10 @@ def report(workdir: epath.PathLike, variant_list: Sequence[Variant] | None = Non
     seeds_note = (f"mean ± sample std over {max(r['seeds'] for r in rows)} seeds"
                   if max(r['seeds'] for r in rows) > 1 else 'one seed')
     text = [f'# Sweep results: {sweep_file}', '',
-            f'Final eval at the last step ({seeds_note}). MACs per image, params and MACs of the '
-            'model as configured; images/s is the median of the logged train windows; wall time '
-            'per run includes start-up, compilation, evaluation and checkpoints.', '',
+            f'Final eval at the last step ({seeds_note}). Params and MACs (per image) of the '
+            "model as configured; train loss is the last logged window's; images/s is the "
+            'median of the logged train windows; wall time per run includes start-up, '
+            'compilation, evaluation and checkpoints.', '',
             markdown_table(rows), '']
     sizes = {r['num_examples'] for r in records if r['finished'] and r['num_examples']}
     if len(sizes) == 1:

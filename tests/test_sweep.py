@@ -121,6 +121,7 @@ def test_sweep_resumes_skips_and_reports_the_runs_real_metrics(tmp_path):
         speeds = [r['images_per_sec'] for r in _records(run_dir, 'train')]
         assert float(run['images_per_sec']) == pytest.approx(statistics.median(speeds), 1e-12)
         assert float(run['top1']) == _records(run_dir, 'eval')[-1]['top1']
+        assert float(run['train_loss']) == _records(run_dir, 'train')[-1]['loss']
         assert float(run['wall_time_sec']) > 0
     assert float(rows['narrow']['macs']) < float(rows['wide']['macs'])
 
