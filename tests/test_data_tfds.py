@@ -241,3 +241,21 @@ def test_cifar_eval_is_the_unchanged_image_with_cifar_statistics(mock_cifar):
     mean, std = np.array(info_lib.CIFAR10_MEAN), np.array(info_lib.CIFAR10_STD)
     np.testing.assert_allclose(batch['image'], (mock_cifar / 255 - mean) / std, atol=1e-5)
     assert batch['mask'].all()
+
+
+def test_an_epoch_with_fewer_batches_than_expected_ends_cleanly():
+    from resnet_flax.data import tf_pipeline
+
+    tf = pytest.importorskip('tensorflow')
+
+    def make_epoch(epoch, skip):
+        # Epoch 1 lost records: 2 batches instead of the expected 4.
+        size = 2 if epoch == 1 else 4
+        ds = tf.data.Dataset.range(size).map(lambda i: {'epoch': tf.fill([2], epoch), 'i': i + 0})
+        return ds.skip(skip)
+
+    batches = tf_pipeline.chain_epochs(make_epoch, first_epoch=0, first_offset=0,
+                                       steps_per_epoch=4, lookahead=1)
+    seen = [(int(b['epoch'][0]), int(b['i'])) for b in itertools.islice(batches, 10)]
+    assert seen == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1),
+                    (2, 0), (2, 1), (2, 2), (2, 3)]

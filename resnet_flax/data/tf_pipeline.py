@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from absl import logging
 
 from resnet_flax.data import info as info_lib
 
@@ -172,23 +173,37 @@ def chain_epochs(make_epoch: Callable[[int, int], tf.data.Dataset], first_epoch:
     make_epoch(epoch, skip_batches) builds one epoch's pipeline (on this thread: TFDS builders
     are not thread-safe). The next epoch's first batch is fetched on a helper thread
     `lookahead` batches before the current epoch ends, so its shuffle buffer fills while the
-    trainer still has batches.
+    trainer still has batches. An epoch that yields fewer batches than expected (records lost
+    or unreadable) ends early with a warning and the next one starts.
     """
     lookahead = max(lookahead, 1)
 
     def first_batch(ds: tf.data.Dataset):
         iterator = as_numpy(ds)
-        return iterator, next(iterator)
+        return iterator, next(iterator, None)
 
     upcoming = _Background(first_batch, make_epoch(first_epoch, first_offset))
     epoch, offset = first_epoch, first_offset
     while True:
         iterator, batch = upcoming.result()
+        if batch is None:
+            raise ValueError(
+                f'Epoch {epoch} of the training data yielded no batch: this process\'s share of '
+                'the split is smaller than its batch; use a smaller batch_size or more data.'
+            )
         remaining = steps_per_epoch - offset  # batches of this epoch, `batch` included
+        next_started = False
         for left in range(remaining, 0, -1):
             if left == min(lookahead, remaining):
                 upcoming = _Background(first_batch, make_epoch(epoch + 1, 0))
+                next_started = True
             yield batch
             if left > 1:
-                batch = next(iterator)
+                batch = next(iterator, None)
+                if batch is None:
+                    logging.warning('Epoch %d ended after %d of %d batches; starting epoch %d.',
+                                    epoch, steps_per_epoch - left + 1, steps_per_epoch, epoch + 1)
+                    break
+        if not next_started:
+            upcoming = _Background(first_batch, make_epoch(epoch + 1, 0))
         epoch, offset = epoch + 1, 0
