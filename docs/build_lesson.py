@@ -515,20 +515,16 @@ agrees:
 
 def question_shortcut(results: dict[str, Any], images: bool) -> str:
     error = run_python("""
-        from unittest import mock
         import jax
         import jax.numpy as jnp
-        from resnet_flax import blocks, models
+        from resnet_flax import models
 
-        def identity(x, **unused):  # the shortcut H(x) = F(x) + x asks for, never adapted
-            return x
-
+        # shortcut='identity': H(x) = F(x) + x with x never adapted.
         for name, size in (('resnet20', 32), ('resnet50', 224)):
             try:
-                with mock.patch.object(blocks, 'shortcut', identity):
-                    models.create(name).init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                             train=False)
-            except TypeError as error:
+                models.create(name, shortcut='identity').init(
+                    jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+            except ValueError as error:
                 print(f'{name}: {type(error).__name__}: {error}')
     """)
     refusal = run_python("""
@@ -572,17 +568,16 @@ changes dimension?*
 
 The addition in H(x) = F(x) + x is elementwise, so F(x) and x must have the same shape. The
 first block of a stage makes F(x) smaller in height and width (stride 2) and wider in channels.
-Take the real ResNet-20 and ResNet-50, and replace their shortcut function by the identity,
-which is what the formula says literally:
+Build the real ResNet-20 and ResNet-50 with `shortcut='identity'`, which is what the formula
+says literally: x is added as it is, never adapted.
 
 {error}
 In ResNet-20 the first block to fail is the first of stage 2, which halves the map and doubles
 the channels; in ResNet-50 it is already the first block of stage 1, which keeps the
 resolution but widens the channels four-fold (the bottleneck's expansion). Neither output can
-be added to its input, and JAX refuses. (The model code itself never gets there:
-`blocks.shortcut` adapts x whenever `needs_projection` says the shape changes. Swapping it
-out, as above, is the only way to see the failure; the configuration validation in
-`models.py` is the closest the code comes to refusing a shortcut that cannot adapt:)
+be added to its input, and `blocks.shortcut` refuses with the error above. Option A has a
+limit of its own: zero-padding cannot make the channels of a bottleneck's expansion, so
+the configuration validation in `models.py` refuses it there:
 
 {refusal}
 So wherever the main path changes the shape, the shortcut has to change x to the same shape,

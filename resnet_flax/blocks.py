@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 ModuleDef = Any
 
-SHORTCUTS = ('A', 'B', 'C')
+SHORTCUTS = ('A', 'B', 'C', 'identity')
 STEMS = ('imagenet', 'cifar', 'deep')
 STRIDE_PLACEMENTS = ('v1', 'v1.5')
 
@@ -139,7 +139,7 @@ def stem(x: jnp.ndarray, *, kind: str, width: int, conv: ModuleDef, norm: Module
 
 def needs_projection(kind: str, in_features: int, out_features: int, strides: int) -> bool:
     """Option B projects only where the shape changes, C in every block, A never."""
-    if kind == 'A':
+    if kind in ('A', 'identity'):
         return False
     if kind == 'C':
         return True
@@ -150,12 +150,19 @@ def shortcut(x: jnp.ndarray, *, features: int, strides: int, kind: str, conv: Mo
              norm: ModuleDef | None, avg_down: bool = False) -> jnp.ndarray:
     """The identity path of a block; call inside the block's compact method.
 
+    identity: x itself, and an error where the block changes shape (the lesson's question).
     A: parameter-free; strided identity with the extra channels zero-padded (He et al., CIFAR).
     B/C: a 1x1 conv with the block's stride, then BN (`proj_conv`, `proj_bn`); with `avg_down`
     (ResNet-D) a 2x2 average pool does the downsampling and the conv has stride 1.
     `norm=None` leaves out `proj_bn` (pre-activation blocks project the normalised input).
     """
     in_features = x.shape[-1]
+    if kind == 'identity' and (strides != 1 or features != in_features):
+        raise ValueError(
+            f'An identity shortcut cannot add the block input {tuple(x.shape[1:])} to its output '
+            f'(stride {strides}, {in_features}->{features} channels): F(x) and x differ in shape; '
+            "use model.shortcut='B' (1x1 projection) or 'A' (zero-padded identity)."
+        )
     if kind == 'A':
         if strides > 1:
             x = x[:, ::strides, ::strides, :]

@@ -465,3 +465,16 @@ def test_names_lists_the_family():
     assert expected <= set(models.names())
     assert models.create('resnet56').num_classes == 10
     assert models.create('resnet56', num_classes=100).num_classes == 100
+
+
+def test_identity_shortcut_across_a_shape_change_is_a_one_line_error():
+    images = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"stride 2, 16->32 channels.*shortcut='B'") as error:
+        models.create('resnet20', shortcut='identity').init(jax.random.key(0), images,
+                                                            train=False)
+    assert '\n' not in str(error.value)
+    # Where no block changes shape, the identity shortcut is just x: no projection parameters.
+    one_stage = models.create('resnet20', shortcut='identity', stage_sizes=(3,),
+                              stage_widths=(16,))
+    variables = one_stage.init(jax.random.key(0), images, train=False)
+    assert not any('proj' in name for name in jax.tree_util.keystr(variables['params']).split())
