@@ -109,11 +109,7 @@ def config_from_flags() -> ml_collections.ConfigDict:
 
 def step_config(config: ml_collections.ConfigDict) -> steps.StepConfig:
     """The step options `train.train_and_evaluate` passes (the NaN test hook stays off)."""
-    return steps.StepConfig(
-        label_smoothing=config.label_smoothing,
-        grad_accum_steps=config.grad_accum_steps,
-        ema_decay=config.ema_decay,
-    )
+    return dataclasses.replace(steps.StepConfig.from_config(config), debug_nan_at_step=-1)
 
 
 @dataclasses.dataclass

@@ -27,6 +27,16 @@ class StepConfig:
     ema_decay: float = 0.0
     debug_nan_at_step: int = -1  # tests only: poison the loss at this step
 
+    @classmethod
+    def from_config(cls, config) -> StepConfig:
+        """The step options of an experiment config (top-level training fields)."""
+        return cls(
+            label_smoothing=config.label_smoothing,
+            grad_accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay,
+            debug_nan_at_step=config.debug_nan_at_step,
+        )
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
     """Per-example softmax cross-entropy; `labels` are class ids or soft targets (mixup)."""

@@ -101,7 +101,7 @@ class PreemptionWatcher:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _train_batches(config, schedule: Schedule, start_step: int, mesh):
+def _train_batches(config: ml_collections.ConfigDict, start_step: int, mesh):
     if config.data.dataset == 'synthetic':
         # Synthetic data lives on the devices: one batch, reused, so no input cost is timed.
         first = next(_host_batches(config, start_step))
@@ -219,12 +219,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     start_step = int(state.step)
     _save_config(config, workdir)
 
-    step_cfg = steps.StepConfig(
-        label_smoothing=config.label_smoothing,
-        grad_accum_steps=config.grad_accum_steps,
-        ema_decay=config.ema_decay,
-        debug_nan_at_step=config.debug_nan_at_step,
-    )
+    step_cfg = steps.StepConfig.from_config(config)
     train_step = jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target)
     eval_fn = evaluate.make_eval_fn(model, mesh)
 
@@ -240,7 +235,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     progress.write(f'Training to step {schedule.total_steps} ({schedule.steps_per_epoch} per '
                    f'epoch) on {jax.device_count()} devices in {jax.process_count()} processes.')
 
-    batches = _train_batches(config, schedule, start_step, mesh)
+    batches = _train_batches(config, start_step, mesh)
     window: list[dict[str, jax.Array]] = []
     window_start = time.time()
     eval_metrics: dict[str, float] = {}
