@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
     config = digits.get_config()
     config.data.image_size = 16
+    config.data.train_crop = 'none'
     config.model.stage_sizes = (1, 1)
     config.model.stage_widths = (8, 16)
     config.model.stem_width = 8
@@ -46,6 +47,7 @@ def override_flags(config_overrides: dict[str, Any]) -> list[str]:
 # The overrides that turn configs/digits.py into tiny_config(), as command-line flags.
 TINY_FLAGS = {
     'data.image_size': 16,
+    'data.train_crop': 'none',
     'model.stage_sizes': '(1,1)',
     'model.stage_widths': '(8,16)',
     'model.stem_width': 8,
