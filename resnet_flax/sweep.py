@@ -23,10 +23,11 @@ of the other seeds are kept). Each run's output goes to its `train.log`, its wal
 (start-up and compilation included, summed over attempts) to its `sweep_run.json`.
 
 `--report` reads every run's config.json and metrics.jsonl and writes, in DIR: `results.md`
-(Markdown table: final eval top-1, top-5 and loss, params, MACs, images/s as the median of the
-train records, wall time; mean and sample std over seeds), `results.csv` (the same, one row per
-variant), `runs.csv` (one row per run), and the plots `accuracy_vs_macs.png`,
-`accuracy_vs_params.png` and `curves.png` (train loss and eval top-1 against step, all variants).
+(Markdown table: final eval top-1, top-5 and loss, the last train-loss window, params, MACs,
+images/s as the median of the train records, wall time; mean and sample std over seeds),
+`results.csv` (the same, one row per variant), `runs.csv` (one row per run), and the plots
+`accuracy_vs_macs.png`, `accuracy_vs_params.png` and `curves.png` (train loss and eval top-1
+error against step, all variants on one figure).
 """
 
 from __future__ import annotations
@@ -594,33 +595,33 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # JAX and orbax are chatty at INFO
     if len(argv) > 1:
         raise ValueError(f'unexpected arguments {list(argv[1:])}; see --help')
-    FLAGS = flags.FLAGS
-    sweep = FLAGS.config
-    if FLAGS.report:
-        result = report(FLAGS.workdir, variants(sweep) if sweep is not None else None,
+    flag_values = flags.FLAGS
+    sweep = flag_values.config
+    if flag_values.report:
+        result = report(flag_values.workdir, variants(sweep) if sweep is not None else None,
                         seeds(sweep) if sweep is not None else None)
         print(result['files']['results.md'].read_text())
         print('Wrote ' + ', '.join(str(p) for p in result['files'].values()))
         return
     if sweep is None:
         raise ValueError('give the sweep file: --sweep=configs/ablations/depth.py')
-    sweep_file = FLAGS['config'].config_filename
+    sweep_file = flag_values['config'].config_filename
     # --config.seeds=(0,1,2) changes the sweep itself (already applied to it), not train.py.
-    overrides = {k: v for k, v in FLAGS['config'].override_values.items()
+    overrides = {k: v for k, v in flag_values['config'].override_values.items()
                  if k not in SWEEP_FIELDS}
     check_overrides(sweep, overrides)
-    runs = plan(sweep, FLAGS.workdir, FLAGS.variants)
-    if FLAGS['print-commands'].value:
-        write_sweep_file(FLAGS.workdir, sweep_file, runs, overrides)
+    runs = plan(sweep, flag_values.workdir, flag_values.variants)
+    if flag_values['print-commands'].value:
+        write_sweep_file(flag_values.workdir, sweep_file, runs, overrides)
         for run in runs:
             print(shlex.join(command(sweep_file, run, overrides)))
         return
-    failed = run_sweep(sweep, sweep_file, FLAGS.workdir, overrides, FLAGS.variants)
+    failed = run_sweep(sweep, sweep_file, flag_values.workdir, overrides, flag_values.variants)
     if failed:
         raise RuntimeError(f'{len(failed)} run(s) failed: {", ".join(r.label for r in failed)}; '
                            'see their train.log, then run the same command to resume')
     print(f'All runs finished; gather them with: python -m resnet_flax.sweep --report '
-          f'--workdir={FLAGS.workdir}', flush=True)
+          f'--workdir={flag_values.workdir}', flush=True)
 
 
 if __name__ == '__main__':

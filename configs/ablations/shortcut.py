@@ -8,8 +8,9 @@ A: identity everywhere; where the shape changes, a strided identity with zero-pa
    (no parameters). B: projection (1x1 conv + BN) where the shape changes, identity elsewhere.
 C: projection in every block. The paper's ImageNet ResNet-34 gets 25.03 / 24.52 / 24.19 %
 top-1 error with A / B / C. ResNet-20 here (widths 8/16/32 at 16x16) has 2 shape-changing
-blocks of 9: B adds 736 parameters to A's 68,050, C adds 3,728. Two seeds each: 6 runs, about
-10 minutes here (2 shared CPU cores). Results: docs/ablations.md.
+blocks of 9: B adds 736 parameters to A's 68,050, C adds 3,728. Two seeds each: 6 runs, 5
+minutes here on 2 CPU cores shared with other work, under 4 on quiet ones. Results:
+docs/ablations.md.
 """
 
 import ml_collections
