@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.data.dataset = 'digits'
     config.data.image_size = 32
+    config.data.train_crop = 'pad'  # random shifts of up to 4 pixels (never flips)
 
     config.model.family = 'cifar'
     config.model.depth = 8  # 6n+2 with n=1
@@ -25,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 30
     config.optimizer.learning_rate = 0.4  # per 256 images: 0.1 at batch 64
     config.optimizer.warmup_epochs = 1.0
+    config.label_smoothing = 0.1
+    config.ema_decay = 0.99  # the moving average is evaluated alongside the weights
     config.log_every_steps = 20
     config.eval_every_epochs = 5
     config.checkpoint_every_steps = 200

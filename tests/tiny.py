@@ -20,6 +20,8 @@ def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
     config = digits.get_config()
     config.data.image_size = 16
     config.data.train_crop = 'none'
+    config.label_smoothing = 0.0
+    config.ema_decay = 0.0
     config.model.stage_sizes = (1, 1)
     config.model.stage_widths = (8, 16)
     config.model.stem_width = 8
@@ -48,6 +50,8 @@ def override_flags(config_overrides: dict[str, Any]) -> list[str]:
 TINY_FLAGS = {
     'data.image_size': 16,
     'data.train_crop': 'none',
+    'label_smoothing': 0.0,
+    'ema_decay': 0.0,
     'model.stage_sizes': '(1,1)',
     'model.stage_widths': '(8,16)',
     'model.stem_width': 8,
