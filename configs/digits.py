@@ -4,7 +4,8 @@
 
 1,797 8x8 images in 10 classes (no download), upsampled to 32x32; a fixed 1,437/360 train/test
 split. The model is the CIFAR ResNet-8 (one basic block per stage, widths 16/32/64, option-A
-shortcuts). It reaches about 98% test top-1 in a few minutes on 2 CPU cores.
+shortcuts), trained with random shifts, label smoothing and a moving average of the weights.
+It reaches 97.8-98.3% test top-1 (seeds 0-2) in about 70 s on 2 CPU cores.
 """
 
 import ml_collections
