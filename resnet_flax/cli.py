@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -35,8 +36,24 @@ def setup(flag_values: flags.FlagValues) -> None:
         jax.config.update('jax_compilation_cache_dir', flag_values.compilation_cache_dir)
 
 
+def check_config_path(argv: list[str]) -> None:
+    """An unknown --config file is a one-line error naming the configs there are."""
+    for arg in argv[1:]:
+        if arg.startswith('--config='):
+            path = Path(arg.split('=', 1)[1].split(':', 1)[0])
+            if not path.is_file():
+                known = sorted(p.name for p in path.parent.glob('*.py') if p.stem != '__init__')
+                where = f'{path.parent}/' if path.parent != Path('.') else ''
+                raise SystemExit(
+                    f'Error: no config file {path}; choose one of {where}'
+                    f'{{{", ".join(known)}}} or pass the path of your own.'
+                    if known else f'Error: no config file {path}.'
+                )
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """absl's app.run, with user errors shown as one line instead of a traceback."""
+    check_config_path(sys.argv)
 
     def guarded(argv):
         try:

@@ -254,3 +254,13 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     resumed = run_script('train.py', [*flags[:2], *override_flags(
         {**TINY_FLAGS, 'num_train_steps': saved_step + 2})])
     assert f'Resumed from step {saved_step}' in resumed.stderr
+
+
+def test_unknown_config_file_is_a_one_line_error(tmp_path):
+    result = run_script('train.py', ['--config=configs/resnet51.py', f'--workdir={tmp_path}'],
+                        check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'no config file configs/resnet51.py' in lines[0]
+    assert 'resnet50.py' in lines[0]  # names the configs that exist
+    assert not any(tmp_path.iterdir())
