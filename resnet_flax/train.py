@@ -165,15 +165,6 @@ def _workdir_locked(workdir: epath.Path):
         lock.release()
 
 
-def _skipped_images(config: ml_collections.ConfigDict) -> int | None:
-    """Corrupt or unreadable files an image folder left out (found once, when indexing)."""
-    if config.data.dataset != 'image_folder':
-        return None
-    from resnet_flax.data import image_folder
-
-    return len(image_folder.index(config.data).skipped)
-
-
 def _save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     if jax.process_index() == 0:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
@@ -229,7 +220,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     preemption = PreemptionWatcher()
     profiler = Profiler(config, workdir)
     last_checkpoint = manager.latest_step()
-    skipped_images = _skipped_images(config)
     if start_step:
         progress.write(f'Resumed from step {start_step} in {workdir}.')
     progress.write(f'Training to step {schedule.total_steps} ({schedule.steps_per_epoch} per '
@@ -263,8 +253,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                 train_summary = _mean_metrics(window)  # waits for the window's last step
                 elapsed = time.time() - window_start
                 train_summary['images_per_sec'] = len(window) * config.batch_size / elapsed
-                if skipped_images is not None:
-                    train_summary['skipped_images'] = skipped_images
+                if info.num_skipped_examples is not None:
+                    train_summary['skipped_images'] = info.num_skipped_examples
                 if config.halt_on_nan:
                     _check_finite(train_summary, step, last_checkpoint)
                 writer.write(step, 'train', train_summary)

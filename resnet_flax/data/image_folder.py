@@ -179,6 +179,7 @@ def get_info(data_cfg) -> info_lib.DatasetInfo:
         num_eval_examples=len(_split(data_cfg, data_cfg.eval_split).paths),
         image_shape=(size, size, info_lib.CHANNELS),
         label_names=found.classes,
+        num_skipped_examples=len(found.skipped),
     )
 
 

@@ -37,6 +37,8 @@ class DatasetInfo:
     num_eval_examples: int  # the whole eval split, over all processes
     image_shape: tuple[int, int, int]  # (H, W, C) of every batch image
     label_names: tuple[str, ...] = ()
+    # Files a source found but could not read and left out (image folders); None: not tracked.
+    num_skipped_examples: int | None = None
 
 
 def rng(*keys: int) -> np.random.Generator:
