@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.depth = 50
     config.model.num_classes = 1000
     config.model.dtype = 'bfloat16'  # float32 params, optimizer state and BN statistics
+    # Goyal et al. 2017 (and flax's ImageNet example) zero-initialise the last BN of each
+    # block (gamma = 0), so every residual block starts as the identity. Weights loaded with
+    # init_from or eval.py replace the initial values, so converted checkpoints are unaffected.
+    config.model.zero_init_last_bn = True
 
     # Goyal et al. 2017 with a cosine decay: lr = 0.1 * batch_size / 256, 5 warmup epochs,
     # weight decay 1e-4 on conv and dense kernels only, label smoothing 0.1, 90 epochs.

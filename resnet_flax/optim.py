@@ -16,6 +16,8 @@ The rate is scaled with the batch size (the linear scaling rule, Goyal et al. 20
 is learning_rate * batch_size / reference_batch_size.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,10 +45,17 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
 
 
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    """num_train_steps if > 0, else num_epochs worth of steps."""
+    """The run length in optimizer steps: num_train_steps if > 0, else num_epochs worth of
+    steps, rounded up (a fractional epoch gets its last partial epoch's steps).
+
+    The one source of the run length: the loop runs this many steps and the learning-rate
+    schedule ends exactly here.
+    """
     if config.num_train_steps > 0:
         return int(config.num_train_steps)
-    steps = round(config.num_epochs * steps_per_epoch)
+    # Rounding to 6 places first keeps float noise (0.3 * 10 = 3.0000000000000004) from
+    # adding a step.
+    steps = math.ceil(round(config.num_epochs * steps_per_epoch, 6))
     if steps <= 0:
         raise ValueError(
             f'training has {steps} steps (num_epochs={config.num_epochs}, '

@@ -44,10 +44,7 @@ class Schedule:
 
 def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) -> Schedule:
     steps_per_epoch = max(1, num_train_examples // config.batch_size)
-    if config.num_train_steps > 0:
-        total_steps = config.num_train_steps
-    else:
-        total_steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    total_steps = optim.total_train_steps(config, steps_per_epoch)
     if config.eval_every_steps > 0:
         eval_every = config.eval_every_steps
     else:

@@ -415,14 +415,15 @@ CONFIG_MODELS = {
 @pytest.mark.parametrize('config_name', sorted(CONFIG_MODELS))
 def test_config_file_builds_its_named_model(config_name):
     config = importlib.import_module(f'configs.{config_name}').get_config()
-    # The named architecture, at the precision the recipe trains in (bf16 for ImageNet).
-    expected = models.resolve(models.config_for(CONFIG_MODELS[config_name],
-                                                dtype=config.model.dtype))
+    cifar = config.model.family == 'cifar'
+    # The named architecture, at the precision the recipe trains in (bf16 for ImageNet), and
+    # with Goyal et al.'s zero-init of each block's last BN gamma in the ImageNet recipe.
+    expected = models.resolve(models.config_for(
+        CONFIG_MODELS[config_name], dtype=config.model.dtype, zero_init_last_bn=not cifar))
     assert models.resolve(config.model.to_dict()) == expected
     assert isinstance(models.from_config(config.model), models.ResNet)
     doc = importlib.import_module(f'configs.{config_name}').__doc__
     assert f'--config=configs/{config_name}.py' in doc
-    cifar = config.model.family == 'cifar'
     assert config.data.image_size == (32 if cifar else 224)
     assert config.data.dataset == ('cifar10' if cifar else 'imagenet2012')
 

@@ -373,6 +373,25 @@ def test_num_train_steps_overrides_num_epochs():
     assert optim.total_train_steps(config, STEPS_PER_EPOCH) == 900
 
 
+@pytest.mark.parametrize(('num_epochs', 'examples', 'batch_size', 'total'), [
+    (2.1, 30, 10, 7),  # 6.3 steps: round() said 6, the loop ran 7
+    (0.3, 100, 10, 3),  # 0.3 * 10 is 3.0000000000000004 in floats: still 3 steps
+    (1.5, 64, 8, 12),
+])
+def test_loop_and_learning_rate_schedule_end_at_the_same_step(num_epochs, examples, batch_size,
+                                                               total):
+    from resnet_flax import train
+
+    config = make_config(batch_size=batch_size, num_epochs=num_epochs, schedule='cosine',
+                         warmup_steps=1)
+    loop = train.make_schedule(config, examples)
+    assert loop.total_steps == total
+    lr = optim.create_learning_rate_schedule(config, loop.steps_per_epoch)
+    # The cosine reaches 0 exactly at the loop's last step, not one step early or late.
+    assert float(lr(total - 1)) > 1e-6
+    assert float(lr(total)) == pytest.approx(0.0, abs=1e-9)
+
+
 # ---- Bad input: one line that names the bad value and the choices.
 
 
