@@ -101,12 +101,20 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_crop = ''  # '' | 'center' | 'resize'
     data.eval_crop_fraction = 0.875
 
-    # Throughput and memory (tf.data sources).
-    # Raw examples held for shuffling; an ImageNet JPEG is ~110 KB, so 16,384 take ~1.8 GB.
+    # Throughput and memory. Cores and buffers are shared among the processes on a host
+    # (resnet_flax/data/budget.py): processes_per_host 0 = from the launcher (LOCAL_WORLD_SIZE,
+    # SLURM_NTASKS_PER_NODE, ...), else 1.
+    data.processes_per_host = 0
+    # Raw examples held for shuffling per host (each process keeps its share); an ImageNet JPEG
+    # is ~110 KB, so 16,384 take ~1.8 GB.
     data.shuffle_buffer_size = 16_384
     data.cache = False  # TFDS: keep the encoded split in memory after the first pass (small sets)
     data.num_parallel_calls = -1  # decode/augment calls in flight; -1 = tf.data autotunes
-    data.threadpool_size = 0  # private tf.data thread pool; 0 = one thread per host core
+    # tf.data private thread pool / grain reader threads; 0 = this process's share of the cores
+    data.threadpool_size = 0
+    # grain decoding processes; -1 = one per core of this process's share less one (0 below
+    # 3 cores: threads decode instead); 0 = threads only.
+    data.num_workers = -1
     data.prefetch_batches = 2  # ready batches kept ahead of the step; -1 = tf.data autotunes
     data.ram_budget_gb = 0.0  # > 0 caps tf.data autotune's buffers at this many GB
 

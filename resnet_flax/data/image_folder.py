@@ -25,12 +25,12 @@ import concurrent.futures
 import dataclasses
 import functools
 import io
-import os
 
 import numpy as np
 from absl import logging
 from etils import epath
 
+from resnet_flax.data import budget
 from resnet_flax.data import info as info_lib
 
 EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp', '.tif', '.tiff',
@@ -156,7 +156,7 @@ def index(data_cfg) -> Index:
         raise ValueError('data.dataset=image_folder needs data.data_dir=ROOT (ROOT/CLASS/*.jpg).')
     return _index(str(data_cfg.data_dir), data_cfg.train_split, data_cfg.eval_split,
                   float(data_cfg.holdout_fraction), int(data_cfg.holdout_seed),
-                  bool(data_cfg.verify_images), int(data_cfg.threadpool_size) or os.cpu_count())
+                  bool(data_cfg.verify_images), budget.compute(data_cfg).threads)
 
 
 def _split(data_cfg, name: str) -> Split:

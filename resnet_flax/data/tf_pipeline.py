@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from absl import logging
 
+from resnet_flax.data import budget
 from resnet_flax.data import info as info_lib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
@@ -29,10 +30,11 @@ Batch = dict[str, np.ndarray]
 
 
 def options(data_cfg) -> tf.data.Options:
-    """Deterministic order, a private thread pool and a RAM cap, all from the config."""
+    """Deterministic order, a private thread pool (this process's share of the host's cores,
+    budget.py) and a RAM cap, all from the config."""
     opts = tf.data.Options()
     opts.deterministic = True
-    opts.threading.private_threadpool_size = int(data_cfg.threadpool_size) or os.cpu_count()
+    opts.threading.private_threadpool_size = budget.compute(data_cfg).threads
     opts.threading.max_intra_op_parallelism = 1  # parallelism comes from map, not from ops
     opts.autotune.enabled = True
     if data_cfg.ram_budget_gb > 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from etils import epath
 
+from resnet_flax.data import budget
 from resnet_flax.data import info as info_lib
 
 MANUAL_DATASETS = ('imagenet2012',)
@@ -205,7 +206,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         else:
             records = _read(data_cfg, found, share,
                             shuffle_seed=tf_pipeline.stream_seed(seed, epoch, process_index, 1))
-        records = records.shuffle(int(data_cfg.shuffle_buffer_size),
+        records = records.shuffle(budget.compute(data_cfg).shuffle_buffer,
                                   seed=tf_pipeline.stream_seed(seed, epoch, process_index, 2))
         records = records.take(steps_per_epoch * local).enumerate()
         records = records.skip(skip_batches * local)  # before decoding: skipped ones stay raw
