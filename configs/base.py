@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.stage_widths = ()  # base width of each stage; () = family default
     model.stem = ''  # '' (family default) | 'imagenet' | 'cifar' | 'deep'
     model.stem_width = 0  # 0 = family default
-    model.shortcut = ''  # '' (family default: B imagenet, A cifar) | 'A' | 'B' | 'C'
+    model.shortcut = ''  # '' (family default: B imagenet, A cifar) | 'A' | 'B' | 'C' | 'none'
+    # ('none': a plain network, no shortcut and no addition; the plain{18,34,20,...} members)
     # Where a downsampling bottleneck puts its stride. 'v1.5' (3x3 conv) is what torchvision,
     # NVIDIA and flax train, and is ~0.5% more accurate; 'v1' (first 1x1) is the paper's.
     model.stride_placement = 'v1.5'

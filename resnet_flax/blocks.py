@@ -2,6 +2,7 @@
 
 Every block receives ready-made `conv`, `norm` and `act` callables (functools.partials built once
 by `models.ResNet`), so a block reads like the paper: conv, norm, act, conv, norm, add, act.
+`shortcut='none'` builds the paper's plain networks from the same blocks: no shortcut, no addition.
 Blocks name their submodules explicitly (`conv1`, `bn1`, ..., `proj_conv`, `proj_bn`, `se`);
 `models.py` documents how these names map onto torchvision's state dict.
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 ModuleDef = Any
 
-SHORTCUTS = ('A', 'B', 'C', 'identity')
+SHORTCUTS = ('A', 'B', 'C', 'identity', 'none')
 STEMS = ('imagenet', 'cifar', 'deep')
 STRIDE_PLACEMENTS = ('v1', 'v1.5')
 
@@ -138,8 +139,8 @@ def stem(x: jnp.ndarray, *, kind: str, width: int, conv: ModuleDef, norm: Module
 
 
 def needs_projection(kind: str, in_features: int, out_features: int, strides: int) -> bool:
-    """Option B projects only where the shape changes, C in every block, A never."""
-    if kind in ('A', 'identity'):
+    """Option B projects only where the shape changes, C in every block, A (and 'none') never."""
+    if kind in ('A', 'identity', 'none'):
         return False
     if kind == 'C':
         return True
@@ -147,15 +148,18 @@ def needs_projection(kind: str, in_features: int, out_features: int, strides: in
 
 
 def shortcut(x: jnp.ndarray, *, features: int, strides: int, kind: str, conv: ModuleDef,
-             norm: ModuleDef | None, avg_down: bool = False) -> jnp.ndarray:
+             norm: ModuleDef | None, avg_down: bool = False) -> jnp.ndarray | None:
     """The identity path of a block; call inside the block's compact method.
 
+    none: no path at all (None): the block is a plain network's, H(x) = F(x).
     identity: x itself, and an error where the block changes shape (the lesson's question).
     A: parameter-free; strided identity with the extra channels zero-padded (He et al., CIFAR).
     B/C: a 1x1 conv with the block's stride, then BN (`proj_conv`, `proj_bn`); with `avg_down`
     (ResNet-D) a 2x2 average pool does the downsampling and the conv has stride 1.
     `norm=None` leaves out `proj_bn` (pre-activation blocks project the normalised input).
     """
+    if kind == 'none':
+        return None
     in_features = x.shape[-1]
     if kind == 'identity' and (strides != 1 or features != in_features):
         raise ValueError(
@@ -207,6 +211,11 @@ class ResidualBlock(nn.Module):
     def excite(self, y: jnp.ndarray) -> jnp.ndarray:
         return y if self.se is None else self.se(name='se')(y)
 
+    @staticmethod
+    def add(residual_branch: jnp.ndarray, identity: jnp.ndarray | None) -> jnp.ndarray:
+        """H(x) = F(x) + x; a plain block (shortcut='none') has no x to add: H(x) = F(x)."""
+        return residual_branch if identity is None else residual_branch + identity
+
 
 class BasicBlock(ResidualBlock):
     """Two 3x3 convs (ResNet-18/34, CIFAR nets): conv-BN-ReLU, conv-BN, add, ReLU."""
@@ -221,7 +230,7 @@ class BasicBlock(ResidualBlock):
         y = self.act(self.norm(name='bn1')(y))
         y = self.conv(self.features, (3, 3), padding=padding(3), name='conv2')(y)
         y = self.excite(self.last_norm('bn2')(y))
-        return self.act(y + residual)
+        return self.act(self.add(y, residual))
 
 
 class BottleneckBlock(ResidualBlock):
@@ -244,7 +253,7 @@ class BottleneckBlock(ResidualBlock):
         y = self.act(self.norm(name='bn2')(y))
         y = self.conv(self.features, (1, 1), name='conv3')(y)
         y = self.excite(self.last_norm('bn3')(y))
-        return self.act(y + residual)
+        return self.act(self.add(y, residual))
 
 
 class PreActBlock(ResidualBlock):
@@ -253,7 +262,7 @@ class PreActBlock(ResidualBlock):
     last BN, so `zero_init_last_bn` zero-initialises the last conv instead: same effect, the
     residual branch starts at zero and the block is the identity."""
 
-    def preact_shortcut(self, x: jnp.ndarray, x_preact: jnp.ndarray) -> jnp.ndarray:
+    def preact_shortcut(self, x: jnp.ndarray, x_preact: jnp.ndarray) -> jnp.ndarray | None:
         projecting = needs_projection(self.shortcut, x.shape[-1], self.features, self.strides)
         return shortcut(x_preact if projecting else x, features=self.features,
                         strides=self.strides, kind=self.shortcut, conv=self.conv, norm=None,
@@ -278,7 +287,7 @@ class PreActBasicBlock(PreActBlock):
                       name='conv1')(y)
         y = self.act(self.norm(name='bn2')(y))
         y = self.last_conv(self.features, 3, 'conv2')(y)
-        return self.excite(y) + residual
+        return self.add(self.excite(y), residual)
 
 
 class PreActBottleneckBlock(PreActBlock):
@@ -296,7 +305,7 @@ class PreActBottleneckBlock(PreActBlock):
                       feature_group_count=self.groups, name='conv2')(y)
         y = self.act(self.norm(name='bn3')(y))
         y = self.last_conv(self.features, 1, 'conv3')(y)
-        return self.excite(y) + residual
+        return self.add(self.excite(y), residual)
 
 
 def block_class(block: str, preactivation: bool) -> type[ResidualBlock]:

@@ -2,6 +2,7 @@
 
     model = models.create('resnet50', num_classes=1000)            # torchvision's ResNet-50
     model = models.create('resnet56')                               # CIFAR, 10 classes
+    model = models.create('plain34')                                # no shortcuts (Fig. 4)
     model = models.from_config(config.model)                        # configs/base.py `model`
     variables = model.init(rng, images, train=False)                # NHWC float images
     logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
@@ -76,6 +77,9 @@ REGISTRY: dict[str, dict[str, Any]] = {
     'wide_resnet101_2': dict(depth=101, width_multiplier=2.0),
     'resnext50_32x4d': dict(depth=50, groups=32, base_width=4),
     'resnext101_32x8d': dict(depth=101, groups=32, base_width=8),
+    # Plain networks (He et al. 2015, Fig. 4 and 6): the same layers without shortcuts.
+    **{f'plain{d}': dict(depth=d, shortcut='none') for d in (18, 34)},
+    **{f'plain{d}': dict(_CIFAR, depth=d, shortcut='none') for d in (20, 32, 44, 56, 110)},
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -203,6 +207,9 @@ def _validate(m: ResNet) -> None:
     if m.shortcut == 'A' and m.block == 'bottleneck':
         raise ValueError("model.shortcut='A' (zero-padded identity) works with basic blocks "
                          "only; use 'B' or 'C' with bottleneck blocks")
+    if m.shortcut == 'none' and m.zero_init_last_bn:
+        raise ValueError("model.zero_init_last_bn=True with shortcut='none' makes every plain "
+                         'block output zeros (there is no identity to pass x on); turn one off')
     if m.stem == 'deep' and m.stem_width % 2:
         raise ValueError(f'model.stem_width={m.stem_width} must be even for the deep stem')
     if not 0 <= m.se_ratio < 1:

@@ -3,6 +3,7 @@
     python -m resnet_flax.summary resnet50
     python -m resnet_flax.summary --config=configs/resnet50.py --config.model.depth=101
     python -m resnet_flax.summary resnet50 --json
+    python -m resnet_flax.summary resnet34 --config.model.shortcut=none   # = plain34
     python -m resnet_flax.summary --compare resnet18 resnet34 resnet50 resnet101
 
 Nothing is computed on real data: the model is traced with `jax.eval_shape` while an
@@ -22,6 +23,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -180,12 +182,18 @@ def main(argv: Sequence[str]) -> None:
     flag_values = flags.FLAGS
     targets: list[tuple[str, models.ResNet, int | None]] = []
     config = flag_values.config
-    if config is not None:
+    overrides: dict[str, Any] = {}
+    if flag_values['config'].present:
         image_size = flag_values.image_size or config.data.get('image_size')
         targets.append((flag_values['config'].config_filename, models.from_config(config.model),
                         image_size))
+    elif config is not None:  # --config.model.X=... without --config: change the named models
+        overrides = {key: value for key, value in config.model.to_dict().items()
+                     if value != models.CONFIG_DEFAULTS[key]}
+    changed = ', '.join(f'{key}={value}' for key, value in overrides.items())
     for name in argv[1:]:
-        targets.append((name, models.create(name), flag_values.image_size))
+        label = f'{name} ({changed})' if changed else name
+        targets.append((label, models.create(name, **overrides), flag_values.image_size))
     if not targets:
         raise ValueError('give a model name or --config; names: ' + ', '.join(models.names()))
     if len(targets) > 1 and not flag_values.compare:
@@ -203,7 +211,10 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file('config', None, 'An experiment config file (its model).')
+    # configs/base.py by default, so that --config.model.X=... can change a named model.
+    base = Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
+    config_flags.DEFINE_config_file('config', str(base) if base.exists() else None,
+                                    'An experiment config file (its model).')
     flags.DEFINE_integer('image_size', None, 'Input size; default: the config, or 224 (32 CIFAR).')
     flags.DEFINE_bool('json', False, 'Print the summary as JSON.')
     flags.DEFINE_bool('compare', False, 'Put several models side by side.')

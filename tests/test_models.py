@@ -481,3 +481,72 @@ def test_identity_shortcut_across_a_shape_change_is_a_one_line_error():
                               stage_widths=(16,))
     variables = one_stage.init(jax.random.key(0), images, train=False)
     assert not any('proj' in name for name in jax.tree_util.keystr(variables['params']).split())
+
+
+# ---- Plain networks (shortcut='none') -------------------------------------------------------
+
+
+def _projection_params(params) -> int:
+    """Parameters of the projection shortcuts (`proj_conv`, `proj_bn`), counted from the tree."""
+    return sum(math.prod(leaf.shape) for path, leaf in flat(params).items() if '/proj_' in path)
+
+
+@pytest.mark.parametrize('name, plain, image_size', [
+    ('resnet18', 'plain18', 224), ('resnet34', 'plain34', 224), ('resnet20', 'plain20', 32),
+    ('resnet56', 'plain56', 32)])
+def test_plain_net_is_the_residual_net_without_its_shortcuts(name, plain, image_size):
+    residual = traced(name, image_size)['params']
+    plain_params = traced(plain, image_size)['params']
+    kept = {path: leaf.shape for path, leaf in flat(residual).items() if '/proj_' not in path}
+    assert {path: leaf.shape for path, leaf in flat(plain_params).items()} == kept
+    assert size(plain_params) == size(residual) - _projection_params(residual)
+
+
+@pytest.mark.parametrize('name, shortcut', [('resnet50', 'B'), ('resnet50', 'C'),
+                                            ('resnet20', 'B')])
+def test_plain_params_are_residual_params_minus_projections(name, shortcut):
+    image_size = 32 if name == 'resnet20' else 224
+    residual = traced(name, image_size, shortcut=shortcut)['params']
+    plain = traced(name, image_size, shortcut='none')['params']
+    assert _projection_params(residual) > 0
+    assert size(plain) == size(residual) - _projection_params(residual)
+    assert _projection_params(plain) == 0
+
+
+@pytest.mark.parametrize('name, preactivation', [('resnet18', False), ('resnet50', False),
+                                                 ('resnet18', True), ('resnet50', True)])
+def test_plain_block_output_is_its_last_layer_without_an_addition(name, preactivation):
+    """Plain: H(x) = relu(bn(conv(...))) (post-activation) or conv(...) (pre-activation);
+    residual: the same plus the block input."""
+    x = images()
+    outputs = {}
+    for shortcut in ('none', 'B'):
+        model = tiny(name, shortcut=shortcut, preactivation=preactivation)
+        variables = model.init(jax.random.key(0), x, train=False)
+        _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                               mutable=['intermediates'])
+        outputs[shortcut] = state['intermediates']
+    last = ('conv2' if name == 'resnet18' else 'conv3') if preactivation else (
+        'bn2' if name == 'resnet18' else 'bn3')
+    finish = (lambda y: y) if preactivation else nn.relu
+    for shortcut, inter in outputs.items():
+        block_in = inter['stage1_block1']['__call__'][0]
+        block = inter['stage1_block2']
+        branch = block[last]['__call__'][0]
+        expected = finish(branch if shortcut == 'none' else branch + block_in)
+        np.testing.assert_allclose(block['__call__'][0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_members_have_the_papers_depths_and_no_shortcuts():
+    for depth in (18, 34, 20, 32, 44, 56, 110):
+        model = models.create(f'plain{depth}')
+        assert model.shortcut == 'none'
+        assert model.stage_sizes == models.create(f'resnet{depth}').stage_sizes
+    assert models.create('plain56').num_classes == 10
+    assert models.create('plain34').block == 'basic'
+
+
+def test_plain_net_with_zero_init_last_bn_is_a_one_line_error():
+    with pytest.raises(ValueError, match="zero_init_last_bn=True with shortcut='none'") as error:
+        models.create('plain20', zero_init_last_bn=True)
+    assert '\n' not in str(error.value)

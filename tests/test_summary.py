@@ -124,3 +124,14 @@ def test_cli_compare_and_table():
     table = _cli('--compare', 'resnet34', 'resnet50')
     assert 'resnet34' in table and 'resnet50' in table and '3.664G' in table
     assert 'stage3' in _cli('resnet20')
+
+
+def test_cli_config_overrides_change_a_named_model():
+    plain = json.loads(_cli('resnet34', '--config.model.shortcut=none', '--json'))
+    assert plain['name'] == 'resnet34 (shortcut=none)'
+    assert (plain['params'], plain['layers'], plain['macs']) == (
+        summarize('plain34')['params'], 34, summarize('plain34')['macs'])
+    # ResNet-34 minus its three projection shortcuts (1x1 conv + BN at stages 2-4).
+    projections = sum(c_in * c_out + 2 * c_out for c_in, c_out in ((64, 128), (128, 256),
+                                                                  (256, 512)))
+    assert plain['params'] == 21_797_672 - projections
