@@ -173,5 +173,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile_start_step = -1  # >= 0 writes a profiler trace of a few steps to the workdir
     config.profile_num_steps = 5
     config.halt_on_nan = True
+    # Diagnostic: also log the gradient norm of each top-level module (stem, every block, head)
+    # as train metrics 'grad_norm/stage1_block1', ...; computed in the jitted step, averaged over
+    # the logging window like the loss. Cheap enough for small runs (one norm per block).
+    config.log_block_grad_norms = False
     config.debug_nan_at_step = -1  # tests only: replace the loss by NaN at this step
     return config

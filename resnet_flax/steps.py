@@ -25,6 +25,7 @@ class StepConfig:
     label_smoothing: float = 0.0
     grad_accum_steps: int = 1
     ema_decay: float = 0.0
+    log_block_grad_norms: bool = False
     debug_nan_at_step: int = -1  # tests only: poison the loss at this step
 
     @classmethod
@@ -34,6 +35,7 @@ class StepConfig:
             label_smoothing=config.label_smoothing,
             grad_accum_steps=config.grad_accum_steps,
             ema_decay=config.ema_decay,
+            log_block_grad_norms=config.log_block_grad_norms,
             debug_nan_at_step=config.debug_nan_at_step,
         )
 
@@ -99,6 +101,12 @@ def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_
     return loss / k, top1 / k, batch_stats, grads
 
 
+def block_grad_norms(grads: PyTree) -> dict[str, jax.Array]:
+    """'grad_norm/NAME' -> the L2 norm of the gradient of each top-level module of the model
+    (stem_conv, stem_bn, stage1_block1, ..., head): how much signal reaches each depth."""
+    return {f'grad_norm/{name}': optax.global_norm(subtree) for name, subtree in grads.items()}
+
+
 def _ema(average: PyTree, new: PyTree, decay: float) -> PyTree:
     return jax.tree.map(lambda a, n: decay * a + (1.0 - decay) * n, average, new)
 
@@ -135,6 +143,8 @@ def train_step(
         'learning_rate': learning_rate_fn(state.step),
         'grad_norm': optax.global_norm(grads),
     }
+    if cfg.log_block_grad_norms:
+        metrics.update(block_grad_norms(grads))
     return new_state, metrics
 
 
