@@ -1,26 +1,28 @@
-"""Input pipeline throughput: images/s per CPU core for the ImageNet train and eval recipes.
+"""Input pipeline throughput: images/s per CPU core, every loader on the same JPEG files.
 
-    python -m bench.input_pipeline --images=256 --batch=32 --threads=0 --json
+    python -m bench.input_pipeline --images=320 --batch=32 --repeats=3 --json
 
 Writes `--images` generated JPEGs of ImageNet-like sizes (500 wide, 333-500 high, ~110 KB at
-quality 90, like the average ILSVRC2012 file) into an image folder, then times, in one
-process and on the same files:
-- ours: `resnet_flax.data.train_batches` / `eval_batches` on that folder, i.e. the real
-  tf.data pipeline (file read, JPEG decode fused with the inception / centre crop, resize to
-  224, flip, normalise, batch, numpy), with a private thread pool of `--threads` (0 = every
-  core);
-- reference: a plain Python loop with PIL: decode the whole file, torchvision's
-  RandomResizedCrop algorithm (or resize the short side to 256 and centre-crop 224), resize,
-  flip, normalise, stack.
-Runs alternate (reference, ours, reference, ...) `--repeats` times and the fastest of each is
-kept, so machine noise hits both alike. Per core = images per CPU-second of the process
-(time.process_time, all threads): other processes on the host do not dilute it, and idle or
-spinning tf.data threads count against ours. Wall-clock images/s are shown too. The last
-column is how many cores of our pipeline an accelerator eating 8,000 images/s would need.
+quality 90, like the average ILSVRC2012 file) into an image folder, copies them into a
+prepared store (`resnet_flax.data.prepare`, longest side `--store_side`, JPEG q90), then
+times in one process, alternating, one pass over the files for each (loader, recipe):
+- tf: `resnet_flax.data.train_batches` / `eval_batches` with data.loader='tf' on the raw
+  JPEGs (tf.data: decode fused with the inception / centre crop, resize, batch, numpy);
+- grain-DECODER: the same calls with data.loader='grain' and each available decoder, on the
+  raw JPEGs and on the prepared store (train at `--image_size` and `--low_res_size`);
+- pil_loop: a plain Python loop with PIL (torchvision's RandomResizedCrop, or resize the
+  short side to 256 and centre-crop 224, to float32 normalised): the reference.
+Every loader decodes on `--threads` threads in this process (grain: num_workers=0), so the
+process CPU time (time.process_time: every thread) is all of its work; per core = images
+per CPU-second, which other load on the host does not dilute. The fastest of `--repeats`
+alternating runs is kept. bytes_per_image_to_device is what one example of the batch the
+loader yields weighs (image and label as they would cross to the device).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
 import json
 import math
@@ -37,11 +39,14 @@ from PIL import Image
 import configs.base
 from resnet_flax import data
 from resnet_flax.data import info as info_lib
+from resnet_flax.data import prepare
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('images', 256, 'Generated JPEGs (the timed pass reads each once).')
 flags.DEFINE_integer('batch', 32, 'Global batch size of our pipeline.')
 flags.DEFINE_integer('image_size', 224, 'Train and eval crop size.')
+flags.DEFINE_integer('low_res_size', 176, 'The low-resolution train size (FFCV, FixRes).')
+flags.DEFINE_integer('store_side', 256, 'Longest side of the prepared store.')
 flags.DEFINE_integer('threads', 0, 'Threads of the multi-core run; 0 = every core.')
 flags.DEFINE_integer('repeats', 3, 'Alternating runs of each side; the fastest is kept.')
 flags.DEFINE_float('target', 8000.0, 'Accelerator images/s to size the host for.')
@@ -128,34 +133,39 @@ def time_reference(paths: list[Path], recipe: str, size: int, batch: int) -> dic
         else:
             np.stack([reference_eval(p, size) for p in chunk])
     return {'images': len(paths) // batch * batch, 'wall': time.perf_counter() - wall,
-            'cpu': time.process_time() - cpu}
+            'cpu': time.process_time() - cpu, 'bytes': size * size * 3 * 4 + 4}  # float32
 
 
-# ---- ours: the real pipeline on the same files.
+# ---- the loaders: the real pipelines on the same files.
 
-def pipeline_config(folder: Path, size: int, threads: int):
+def pipeline_config(folder: Path, size: int, threads: int, loader: str = 'tf',
+                    decoder: str = 'auto', dataset: str = 'image_folder'):
     cfg = configs.base.get_config().data
-    cfg.update(dataset='image_folder', data_dir=str(folder), image_size=size,
+    cfg.update(dataset=dataset, data_dir=str(folder), image_size=size,
                holdout_fraction=0.0, eval_split='train', verify_images=False,
-               threadpool_size=threads, num_parallel_calls=threads)
+               threadpool_size=threads, num_parallel_calls=threads, loader=loader,
+               decoder=decoder, num_workers=0)
     return cfg
 
 
-def time_ours(folder: Path, recipe: str, size: int, batch: int, threads: int,
-              num_images: int) -> dict:
+def time_loader(cfg, recipe: str, batch: int, num_images: int) -> dict:
     """One pass of the files after one untimed batch (tracing, warm-up): images, wall and
-    CPU seconds of the whole process (every tf.data thread included)."""
-    cfg = pipeline_config(folder, size, threads)
+    CPU seconds of the whole process (every loader thread included), bytes per example."""
     steps = num_images // batch
     if recipe == 'train':
         batches = data.train_batches(cfg, global_batch_size=batch, seed=0)
     else:
         batches = data.eval_batches(cfg, global_batch_size=batch, split='train')
-    next(batches)
+    first = next(batches)
     wall, cpu = time.perf_counter(), time.process_time()
     timed = sum(1 for _ in itertools.islice(batches, steps - 1))
-    return {'images': timed * batch, 'wall': time.perf_counter() - wall,
-            'cpu': time.process_time() - cpu}
+    run = {'images': timed * batch, 'wall': time.perf_counter() - wall,
+           'cpu': time.process_time() - cpu}
+    close = getattr(batches, 'close', None)
+    if close:
+        close()
+    run['bytes'] = sum(np.asarray(first[k]).nbytes for k in ('image', 'label')) // batch
+    return run
 
 
 def best(runs: list[dict], clock: str) -> float:
@@ -163,54 +173,97 @@ def best(runs: list[dict], clock: str) -> float:
     return max(run['images'] / run[clock] for run in runs)
 
 
-def measure(folder: Path, paths: list[Path], threads: int) -> list[dict]:
-    size, batch = FLAGS.image_size, FLAGS.batch
-    rows = []
+def decoders() -> list[str]:
+    import importlib.util
+
+    found = ['pil', 'pil_draft']
+    if importlib.util.find_spec('simplejpeg') is not None:
+        found.append('simplejpeg')
+    return found
+
+
+def cases(folder: Path, store: Path, threads: int) -> list[tuple[str, str, str, object]]:
+    """(loader, source, recipe, run()) of every measured combination."""
+    size, low, batch = FLAGS.image_size, FLAGS.low_res_size, FLAGS.batch
+    paths = sorted(folder.glob('*/*.jpg'))
+    found = []
     for recipe in ('train', 'eval'):
-        reference, ours = [], []
-        for _ in range(FLAGS.repeats):
-            reference.append(time_reference(paths, recipe, size, batch))
-            ours.append(time_ours(folder, recipe, size, batch, threads, len(paths)))
-        per_core = best(ours, 'cpu')
+        found.append(('pil_loop', 'jpeg', f'{recipe} {size}', functools.partial(
+            time_reference, paths, recipe, size, batch)))
+        if importlib.util.find_spec('tensorflow') is not None:
+            found.append(('tf', 'jpeg', f'{recipe} {size}', functools.partial(
+                time_loader, pipeline_config(folder, size, threads), recipe, batch, len(paths))))
+        for decoder in decoders():
+            found.append((f'grain-{decoder}', 'jpeg', f'{recipe} {size}', functools.partial(
+                time_loader, pipeline_config(folder, size, threads, 'grain', decoder), recipe,
+                batch, len(paths))))
+            sizes = (low, size) if recipe == 'train' else (size,)
+            for crop in sizes:
+                cfg = pipeline_config(store, crop, threads, 'grain', decoder, 'prepared')
+                found.append((f'grain-{decoder}', f'store{FLAGS.store_side}',
+                              f'{recipe} {crop}', functools.partial(
+                                  time_loader, cfg, recipe, batch, len(paths))))
+    return found
+
+
+def measure(folder: Path, store: Path, threads: int) -> list[dict]:
+    todo = cases(folder, store, threads)
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
+    for _ in range(FLAGS.repeats):  # alternate: every case once per round
+        for i, (_, _, _, run) in enumerate(todo):
+            runs[i].append(run())
+    rows = []
+    for i, (loader, source, recipe, _) in enumerate(todo):
+        per_core = best(runs[i], 'cpu')
         rows.append({
-            'recipe': f'imagenet {recipe} {size}',
-            'pil_loop_per_core': round(best(reference, 'cpu'), 1),
-            'ours_per_core': round(per_core, 1),
-            'ratio': round(per_core / best(reference, 'cpu'), 2),
-            'pil_loop_wall': round(best(reference, 'wall'), 1),
-            f'ours_wall_{threads}_threads': round(best(ours, 'wall'), 1),
+            'loader': loader, 'source': source, 'recipe': f'imagenet {recipe}',
+            'images_per_sec_per_core': round(per_core, 1),
+            'images_per_sec_wall': round(best(runs[i], 'wall'), 1),
+            'bytes_per_image_to_device': runs[i][0]['bytes'],
             'cores_for_target': math.ceil(FLAGS.target / per_core),
         })
     return rows
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
-    print(f"{meta['images']} JPEGs, mean {meta['mean_kb']:.0f} KB, {WIDTH} x {HEIGHTS}; "
-          f"batch {meta['batch']}; {meta['cpu_count']} cores on this host "
-          f"(load average {meta['load_average']:.1f} at start)")
+    print(f"{meta['images']} JPEGs, mean {meta['mean_kb']:.0f} KB, {WIDTH} x {HEIGHTS}; store "
+          f"{meta['store_side']} px, mean {meta['store_mean_kb']:.0f} KB; batch {meta['batch']}; "
+          f"{meta['threads']} threads; {meta['cpu_count']} cores on this host (load average "
+          f"{meta['load_average']:.1f} at start)")
     headers = list(rows[0])
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
     print('  '.join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for row in rows:
         print('  '.join(str(row[h]).ljust(w) for h, w in zip(headers, widths, strict=True)))
     print(f"per_core = images per CPU-second of the process (robust to other load); wall = "
-          f"images/s; ratio = ours / PIL per core; cores_for_target = "
-          f"ceil({FLAGS.target:.0f} / ours_per_core).")
+          f"images/s; cores_for_target = ceil({FLAGS.target:.0f} / per_core).")
+
+
+def write_store(folder: Path, out: Path) -> float:
+    """The prepared store of `folder` (all of it as 'train'); mean KB per stored image."""
+    cfg_json = json.dumps({'dataset': 'image_folder', 'data_dir': str(folder),
+                           'train_split': 'train', 'eval_split': 'train',
+                           'holdout_fraction': 0.0})
+    info = prepare.prepare(cfg_json, ['train'], str(out), max_side=FLAGS.store_side,
+                           quality=90, examples_per_shard=256, workers=1)
+    size = sum(f.stat().st_size for f in (out / 'train').glob('*.array_record'))
+    return size / info.splits['train'].num_examples / 1024
 
 
 def main(argv: list[str]) -> None:
     del argv
     threads = FLAGS.threads or os.cpu_count()
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(FLAGS.folder or scratch)
+        folder = Path(FLAGS.folder or scratch) / 'jpeg'
         mean_kb = write_jpegs(folder, FLAGS.images)
-        paths = sorted(folder.glob('*/*.jpg'))
-        meta = {'images': len(paths), 'mean_kb': round(mean_kb, 1), 'batch': FLAGS.batch,
+        store_kb = write_store(folder, Path(scratch) / 'store')
+        meta = {'images': FLAGS.images, 'mean_kb': round(mean_kb, 1), 'batch': FLAGS.batch,
+                'store_side': FLAGS.store_side, 'store_mean_kb': round(store_kb, 1),
                 'cpu_count': os.cpu_count(), 'threads': threads,
                 'load_average': os.getloadavg()[0], 'target_images_per_s': FLAGS.target}
-        rows = measure(folder, paths, threads)
+        rows = measure(folder, Path(scratch) / 'store', threads)
     if FLAGS.json:
-        print(json.dumps({'meta': meta, 'rows': rows}, indent=2))
+        print(json.dumps({'meta': meta, 'records': rows}))
     else:
         print_table(rows, meta)
 

@@ -58,7 +58,18 @@ def get_config() -> ml_collections.ConfigDict:
     data.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the image folder root
     data.train_split = 'train'  # TFDS split syntax works: 'train[:99%]'
     data.eval_split = 'test'  # imagenet2012 calls it 'validation'; a train slice: 'train[99%:]'
-    data.image_size = 224  # train and eval crop size
+    data.image_size = 224  # train crop size (and eval's unless eval_image_size is set)
+    # Eval crop size; 0 = image_size. Low-resolution training (FFCV, FixRes: train 160-192,
+    # test 224) sets image_size=176, eval_image_size=224.
+    data.eval_image_size = 0
+    # Who reads image folders and TFDS sets: 'tf' (tf.data, the TPU default), 'grain'
+    # (resnet_flax/data/grain_source.py: no TensorFlow, ArrayRecord or image files), 'dali'
+    # (NVIDIA DALI, GPU decode, image folders; needs nvidia-dali) or 'auto': tf where
+    # TensorFlow is installed, grain where it is not. dataset='prepared' is always grain's.
+    data.loader = 'auto'
+    # JPEG decoder of the grain loader: 'auto' (simplejpeg if installed, else pil_draft),
+    # 'pil', 'pil_draft' (reduced-scale decode for crops) or 'simplejpeg'.
+    data.decoder = 'auto'
     data.download = False  # True lets TFDS download and prepare a missing data set (not imagenet)
     # image_folder: > 0 holds out this fraction of each class of the train folder (fixed by
     # holdout_seed) as the eval split; 0 = the eval_split folder must exist.

@@ -109,9 +109,10 @@ def write_archives(manual_dir: Path, *, num_classes: int = 3, train_per_class: i
 
 def make_imagenet(root, *, num_classes: int = 3, train_per_class: int = 4,
                   val_per_class: int = 2, image_size: tuple[int, int] = (40, 48),
-                  seed: int = 0) -> str:
+                  seed: int = 0, file_format: str = 'tfrecord') -> str:
     """Writes tiny ILSVRC2012 archives under root/manual, prepares imagenet2012 into
-    root/tfds with the real builder (offline) and returns that data_dir.
+    root/tfds with the real builder (offline, as `file_format`: 'tfrecord' for tf.data,
+    'array_record' for the grain loader) and returns that data_dir.
 
     Splits: 'train' (num_classes * train_per_class), 'validation'
     (num_classes * val_per_class). Labels index the 1,000 ImageNet synsets.
@@ -122,7 +123,7 @@ def make_imagenet(root, *, num_classes: int = 3, train_per_class: int = 4,
     manual_dir, data_dir = root / 'manual', root / 'tfds'
     write_archives(manual_dir, num_classes=num_classes, train_per_class=train_per_class,
                    val_per_class=val_per_class, image_size=image_size, seed=seed)
-    builder = tfds.builder('imagenet2012', data_dir=str(data_dir))
+    builder = tfds.builder('imagenet2012', data_dir=str(data_dir), file_format=file_format)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     return str(data_dir)

@@ -12,7 +12,8 @@ Batches are dicts of numpy arrays holding this process's slice of the global bat
 B_local = global_batch_size // process_count. The train order is a pure function of
 (seed, epoch, process); `start_step` resumes without decoding the skipped batches.
 
-TensorFlow is imported only by the TFDS and image-folder sources.
+TensorFlow is imported only by the tf.data sources (TFDS and image folders with
+data.loader='tf'); the grain loader (grain_source.py) and DALI need none.
 """
 
 from __future__ import annotations
@@ -29,13 +30,38 @@ __all__ = ['DatasetInfo', 'eval_batches', 'get_info', 'train_batches']
 Batch = dict[str, np.ndarray]
 
 
+def loader(data_cfg) -> str:
+    """Who reads an image folder, TFDS set or prepared store: 'tf', 'grain' or 'dali'.
+
+    'auto' is tf.data where TensorFlow is installed (the measured TPU default) and grain where
+    it is not; a prepared store is grain's.
+    """
+    import importlib.util
+
+    choice = data_cfg.get('loader', 'auto')
+    if choice not in info_lib.LOADERS:
+        raise ValueError(f'data.loader={choice!r} is not one of {info_lib.LOADERS}.')
+    if data_cfg.dataset == 'prepared':
+        if choice not in ('auto', 'grain'):
+            raise ValueError(f"data.dataset='prepared' is read by the grain loader; set "
+                             f"data.loader='grain' (or 'auto'), not {choice!r}.")
+        return 'grain'
+    if choice == 'auto':
+        return 'tf' if importlib.util.find_spec('tensorflow') is not None else 'grain'
+    return choice
+
+
 def _source(data_cfg):
-    """The module that implements `data_cfg.dataset`; only TF sources import TensorFlow."""
+    """The module that implements `data_cfg.dataset`; only tf.data sources import TensorFlow."""
     name = data_cfg.dataset
     if name == 'digits':
         from resnet_flax.data import digits as source
     elif name == 'synthetic':
         from resnet_flax.data import synthetic as source
+    elif loader(data_cfg) == 'grain':
+        from resnet_flax.data import grain_source as source
+    elif loader(data_cfg) == 'dali':
+        from resnet_flax.data import dali_source as source
     elif name == 'image_folder':
         from resnet_flax.data import image_folder as source
     else:

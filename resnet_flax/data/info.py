@@ -19,7 +19,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-BUILT_IN = ('digits', 'synthetic', 'image_folder')
+BUILT_IN = ('digits', 'synthetic', 'image_folder', 'prepared')
+LOADERS = ('auto', 'tf', 'grain', 'dali')
 TRAIN_CROPS = ('', 'inception', 'pad', 'none')
 EVAL_CROPS = ('', 'center', 'resize')
 AUTO_AUGMENTS = ('', 'randaugment', 'trivialaugment')
@@ -135,6 +136,14 @@ def validate(data_cfg) -> None:
             f'>= 1, and data.prefetch_batches={data_cfg.prefetch_batches} -1 or >= 0.'
         )
     normalization(data_cfg, IMAGENET_MEAN, IMAGENET_STD)  # checks the shapes
+
+
+def eval_image_size(data_cfg) -> int:
+    """The eval crop size: data.eval_image_size, or data.image_size when it is 0."""
+    size = int(data_cfg.get('eval_image_size', 0))
+    if size < 0:
+        raise ValueError(f'data.eval_image_size={size} must be >= 0 (0 = data.image_size).')
+    return size or int(data_cfg.image_size)
 
 
 def eval_batch_count(num_examples: int, global_batch_size: int) -> int:

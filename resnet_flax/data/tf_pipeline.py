@@ -99,8 +99,8 @@ def train_example_fn(data_cfg, crop: str, mean, std) -> Callable:
 
 
 def eval_example_fn(data_cfg, crop: str, mean, std) -> Callable:
-    """(encoded bytes, label) -> (float32 [S, S, 3] normalised, int32 label)."""
-    size = int(data_cfg.image_size)
+    """(encoded bytes, label) -> (float32 [S, S, 3] normalised, int32 label); S the eval size."""
+    size = info_lib.eval_image_size(data_cfg)
 
     def fn(encoded, label):
         if crop == 'center':
@@ -132,7 +132,7 @@ def batch_train(ds: tf.data.Dataset, data_cfg, *, local_batch: int, num_classes:
 def pad_eval(ds: tf.data.Dataset, data_cfg, *, count: int, num_batches: int,
              local_batch: int) -> tf.data.Dataset:
     """Appends masked zero examples so this process yields exactly `num_batches` batches."""
-    size = int(data_cfg.image_size)
+    size = info_lib.eval_image_size(data_cfg)
     ds = ds.map(lambda image, label: (image, label, True))
     total = num_batches * local_batch
     padding = tf.data.Dataset.from_tensors(

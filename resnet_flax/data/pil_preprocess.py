@@ -1,0 +1,207 @@
+"""Per-example image recipes without TensorFlow: decode, crop, resize to uint8 (numpy + PIL).
+
+The TF-free twin of preprocess.py, for the grain loader. Every recipe returns uint8
+[size, size, 3]; flips, normalisation and mixing happen on the device. Random choices come
+from a `random.Random` keyed by (seed, epoch, position) (grain_source.py), so they survive a
+resume.
+
+- ImageNet train: a random crop covering `area_range` of the image with aspect ratio in
+  `aspect_range` (torchvision's RandomResizedCrop sampling: 10 tries, log-uniform aspect,
+  then the whole image, as TF's sampler falls back to), resized to `size`.
+- ImageNet eval: the central square covering `crop_fraction` of the short side (the window
+  preprocess.center_window picks), resized to `size`.
+- CIFAR: resize to `size` if needed, zero-pad `padding` pixels, random crop back.
+
+Decoders (data.decoder), all giving RGB uint8 (grayscale replicated, alpha dropped):
+- 'pil': decode the whole file, then crop and resize in one PIL call;
+- 'pil_draft': JPEGs decode at a reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling)
+  when the crop is at least that much larger than `size`: what a 500 px photo cropped to
+  224 needs;
+- 'simplejpeg': libjpeg-turbo through simplejpeg, with the same reduced-scale decode;
+- 'auto': 'simplejpeg' where it is installed, else 'pil_draft'.
+Non-JPEG files and JPEGs libjpeg-turbo cannot take (CMYK) are decoded by PIL; simplejpeg
+uses the fast integer DCT, as the tf.data decoder does (INTEGER_FAST). Resizing is PIL's
+filter named by data.resize_method ('bilinear' by default; 'area' is PIL's box filter, ~1.5x
+faster when downscaling), which smooths when downscaling (as data.antialias=True in TF): the
+reduced-scale decoders differ from 'pil' by a few grey levels, not in content.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import random
+
+import numpy as np
+from PIL import Image
+
+DECODERS = ('auto', 'pil', 'pil_draft', 'simplejpeg')
+# data.resize_method (tf.image.resize's names) -> PIL's filter.
+FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
+           'area': Image.Resampling.BOX, 'nearest': Image.Resampling.NEAREST,
+           'lanczos3': Image.Resampling.LANCZOS, 'lanczos5': Image.Resampling.LANCZOS}
+JPEG_MAGIC = b'\xff\xd8\xff'
+CHANNELS = 3
+
+Box = tuple[int, int, int, int]  # left, top, width, height
+
+
+def resize_filter(method: str) -> Image.Resampling:
+    if method not in FILTERS:
+        raise ValueError(f'data.resize_method={method!r}: the grain loader resizes with PIL, '
+                         f'which has {sorted(FILTERS)}.')
+    return FILTERS[method]
+
+
+def resolve_decoder(name: str) -> str:
+    """The decoder 'auto' stands for here; a one-line error for unknown or missing ones."""
+    if name not in DECODERS:
+        raise ValueError(f'data.decoder={name!r} is not one of {DECODERS}.')
+    has_simplejpeg = importlib.util.find_spec('simplejpeg') is not None
+    if name == 'auto':
+        return 'simplejpeg' if has_simplejpeg else 'pil_draft'
+    if name == 'simplejpeg' and not has_simplejpeg:
+        raise ValueError("data.decoder='simplejpeg' but simplejpeg is not installed: "
+                         "pip install simplejpeg, or use data.decoder='pil_draft'.")
+    return name
+
+
+def is_jpeg(encoded: bytes) -> bool:
+    return encoded[:3] == JPEG_MAGIC
+
+
+def _open(encoded: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(encoded))
+
+
+def image_shape(encoded: bytes, decoder: str) -> tuple[int, int]:
+    """(width, height) from the header, without decoding the pixels."""
+    if decoder == 'simplejpeg' and is_jpeg(encoded):
+        import simplejpeg
+
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(encoded)
+            return width, height
+        except ValueError:
+            pass  # PIL reads what libjpeg-turbo's header parser refuses
+    with _open(encoded) as image:
+        return image.size
+
+
+def _min_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]:
+    """The smallest decoded (width, height) that keeps the crop at least `size` on each side."""
+    width, height = shape
+    return (math.ceil(width * size / max(box[2], 1)), math.ceil(height * size / max(box[3], 1)))
+
+
+def _scaled(box: Box, factor_x: float, factor_y: float) -> tuple[float, float, float, float]:
+    """PIL's (left, top, right, bottom) of `box` in an image scaled by the factors."""
+    left, top, width, height = box
+    return (left * factor_x, top * factor_y, (left + width) * factor_x,
+            (top + height) * factor_y)
+
+
+def _resize(image: Image.Image, box, size: int, method: Image.Resampling) -> np.ndarray:
+    return np.asarray(image.resize((size, size), method, box=box), np.uint8)
+
+
+def _pil_window(encoded: bytes, box: Box, size: int, reduce: bool,
+                method: Image.Resampling) -> np.ndarray:
+    with _open(encoded) as image:
+        width, height = image.size
+        if reduce and image.format == 'JPEG':
+            image.draft('RGB', _min_decoded((width, height), box, size))
+        rgb = image.convert('RGB')
+    return _resize(rgb, _scaled(box, rgb.width / width, rgb.height / height), size, method)
+
+
+def _simplejpeg_window(encoded: bytes, shape: tuple[int, int], box: Box, size: int,
+                       method: Image.Resampling) -> np.ndarray | None:
+    import simplejpeg
+
+    min_width, min_height = _min_decoded(shape, box, size)
+    try:
+        pixels = simplejpeg.decode_jpeg(encoded, colorspace='RGB', fastdct=True,
+                                        min_width=min_width, min_height=min_height)
+    except ValueError:  # CMYK and other JPEGs libjpeg-turbo will not convert: PIL's turn
+        return None
+    image = Image.fromarray(pixels)
+    return _resize(image, _scaled(box, image.width / shape[0], image.height / shape[1]), size,
+                   method)
+
+
+def decode_window(encoded: bytes, box: Box, size: int, decoder: str,
+                  shape: tuple[int, int] | None = None,
+                  method: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+    """uint8 [size, size, 3]: the `box` of the image, resized. `decoder` is resolved."""
+    if decoder == 'simplejpeg' and is_jpeg(encoded):
+        found = _simplejpeg_window(encoded, shape or image_shape(encoded, decoder), box, size,
+                                   method)
+        if found is not None:
+            return found
+    return _pil_window(encoded, box, size, decoder != 'pil', method)
+
+
+def inception_box(shape: tuple[int, int], rng: random.Random, area_range,
+                  aspect_range) -> Box:
+    """A random crop of `area_range` of the area, aspect in `aspect_range`; else the whole."""
+    width, height = shape
+    area = width * height
+    log_aspect = (math.log(aspect_range[0]), math.log(aspect_range[1]))
+    for _ in range(10):
+        target = area * rng.uniform(area_range[0], area_range[1])
+        aspect = math.exp(rng.uniform(*log_aspect))
+        crop_w = round(math.sqrt(target * aspect))
+        crop_h = round(math.sqrt(target / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = rng.randint(0, width - crop_w)
+            top = rng.randint(0, height - crop_h)
+            return left, top, crop_w, crop_h
+    return 0, 0, width, height
+
+
+def center_box(shape: tuple[int, int], crop_fraction: float) -> Box:
+    """The central square covering `crop_fraction` of the short side (as center_window)."""
+    width, height = shape
+    side = max(int(min(width, height) * crop_fraction), 1)
+    return (width - side + 1) // 2, (height - side + 1) // 2, side, side
+
+
+def whole_box(shape: tuple[int, int]) -> Box:
+    return 0, 0, shape[0], shape[1]
+
+
+def pad_crop(image: np.ndarray, rng: random.Random, padding: int) -> np.ndarray:
+    """Zero-pads (black) and crops back to the same size at a random offset."""
+    if padding == 0:
+        return image
+    height, width = image.shape[:2]
+    top, left = rng.randint(0, 2 * padding), rng.randint(0, 2 * padding)
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    return padded[top:top + height, left:left + width]
+
+
+def train_example(encoded: bytes, rng: random.Random, recipe) -> np.ndarray:
+    """uint8 [S, S, 3] of one train example; `recipe` is a Recipe (grain_source.py)."""
+    shape = image_shape(encoded, recipe.decoder)
+    method = resize_filter(recipe.resize_method)
+    if recipe.train_crop == 'inception':
+        box = inception_box(shape, rng, recipe.area_range, recipe.aspect_range)
+        return decode_window(encoded, box, recipe.image_size, recipe.decoder, shape, method)
+    image = decode_window(encoded, whole_box(shape), recipe.image_size, recipe.decoder, shape,
+                          method)
+    if recipe.train_crop == 'pad':
+        image = pad_crop(image, rng, recipe.crop_padding)
+    return image
+
+
+def eval_example(encoded: bytes, recipe) -> np.ndarray:
+    """uint8 [S_eval, S_eval, 3]: the centre crop, or the whole image resized."""
+    shape = image_shape(encoded, recipe.decoder)
+    if recipe.eval_crop == 'center':
+        box = center_box(shape, recipe.eval_crop_fraction)
+    else:
+        box = whole_box(shape)
+    return decode_window(encoded, box, recipe.eval_image_size, recipe.decoder, shape,
+                         resize_filter(recipe.resize_method))

@@ -1,0 +1,299 @@
+"""The TensorFlow-free grain loader on real files: a generated image folder, a prepared
+store written by `resnet_flax.data.prepare`, and imagenet2012 prepared as ArrayRecord by the
+real TFDS builder."""
+
+import itertools
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import configs.base
+from resnet_flax import data
+from resnet_flax.data import grain_source, pil_preprocess, prepare, store
+from tests.tiny import REPO
+
+pytest.importorskip('grain')
+
+NUM_CLASSES, PER_CLASS = 3, 8
+
+
+def write_folder(root, *, per_class=PER_CLASS, sizes=((48, 40), (40, 56), (64, 48)), seed=0):
+    """Smooth colour fields plus grain, one hue per class, assorted sizes (JPEG and a PNG)."""
+    rng = np.random.default_rng(seed)
+    for c in range(NUM_CLASSES):
+        folder = root / f'class{c}'
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            width, height = sizes[i % len(sizes)]
+            coarse = Image.fromarray((rng.random((3, 4, 3)) * 120 + 60 * c).astype(np.uint8))
+            field = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), float)
+            pixels = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+            suffix = 'png' if i == per_class - 1 else 'jpg'
+            Image.fromarray(pixels).save(folder / f'{i:03d}.{suffix}', quality=95)
+    return root
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp('folder'))
+
+
+def folder_config(root, **overrides):
+    cfg = configs.base.get_config().data
+    cfg.update(dataset='image_folder', data_dir=str(root), loader='grain', image_size=16,
+               holdout_fraction=0.25, eval_split='validation', num_workers=0,
+               threadpool_size=2)
+    cfg.update(overrides)
+    return cfg
+
+
+def take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def train(cfg, n, **kwargs):
+    return take(data.train_batches(cfg, **{'global_batch_size': 6, 'seed': 0, **kwargs}), n)
+
+
+def test_train_batches_are_uint8_crops_and_an_epoch_covers_the_split(folder):
+    cfg = folder_config(folder)
+    info = data.get_info(cfg)
+    assert (info.num_train_examples, info.num_eval_examples) == (18, 6)
+    batches = train(cfg, 3)  # one epoch: 18 // 6
+    for batch in batches:
+        assert batch['image'].shape == (6, 16, 16, 3) and batch['image'].dtype == np.uint8
+        assert batch['label'].shape == (6,) and batch['label'].dtype == np.int32
+    labels = np.concatenate([b['label'] for b in batches])
+    assert np.bincount(labels, minlength=NUM_CLASSES).tolist() == [6, 6, 6]
+
+
+def test_order_and_crops_are_a_function_of_the_seed(folder):
+    cfg = folder_config(folder)
+    first, again, other = train(cfg, 4), train(cfg, 4), train(cfg, 4, seed=1)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a['image'], b['image'])
+    assert any(not np.array_equal(a['image'], b['image'])
+               for a, b in zip(first, other, strict=True))
+
+
+def test_resume_at_any_step_continues_the_same_stream(folder):
+    """Across an epoch boundary (3 steps per epoch), without the skipped batches."""
+    cfg = folder_config(folder)
+    whole = train(cfg, 7)
+    for start in (2, 3, 5):
+        resumed = train(cfg, 7 - start, start_step=start)
+        for a, b in zip(whole[start:], resumed, strict=True):
+            np.testing.assert_array_equal(a['image'], b['image'])
+            np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_two_processes_split_each_global_batch(folder):
+    cfg = folder_config(folder)
+    whole = train(cfg, 3)
+    halves = [train(cfg, 3, process_index=p, process_count=2) for p in range(2)]
+    for step, batch in enumerate(whole):
+        joined = np.concatenate([halves[0][step]['image'], halves[1][step]['image']])
+        np.testing.assert_array_equal(joined, batch['image'])
+
+
+@pytest.mark.parametrize('global_batch', [4, 6])
+def test_eval_sees_every_example_once_over_two_processes(folder, global_batch):
+    cfg = folder_config(folder, holdout_fraction=0.0, eval_split='train')  # 24 images
+    passes = [list(data.eval_batches(cfg, global_batch_size=global_batch, process_index=p,
+                                     process_count=2)) for p in range(2)]
+    assert len(passes[0]) == len(passes[1]) == -(-24 // global_batch)
+    kept = [(b['image'][b['mask']], b['label'][b['mask']]) for p in passes for b in p]
+    images = np.concatenate([k[0] for k in kept])
+    assert len(images) == 24
+    assert len({bytes(image) for image in images}) == 24  # each image exactly once
+    assert np.bincount(np.concatenate([k[1] for k in kept])).tolist() == [PER_CLASS] * 3
+    padding = np.concatenate([b['image'][~b['mask']] for p in passes for b in p])
+    assert not padding.any()
+
+
+def test_eval_is_the_centre_crop_at_the_eval_size(folder):
+    """Low-resolution training: train at 16, evaluate at 24, the centre 0.875 of the short side."""
+    cfg = folder_config(folder, eval_image_size=24, decoder='pil')
+    batch = next(data.eval_batches(cfg, global_batch_size=6))
+    assert batch['image'].shape == (6, 24, 24, 3)
+    path = grain_source.records(cfg, 'validation').paths[0]
+    with Image.open(path) as image:
+        side = int(0.875 * min(image.size))
+        left, top = (image.width - side + 1) // 2, (image.height - side + 1) // 2
+        expected = image.convert('RGB').resize(
+            (24, 24), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    np.testing.assert_array_equal(batch['image'][0], np.asarray(expected))
+
+
+@pytest.mark.parametrize('decoder', ['pil_draft', 'simplejpeg'])
+def test_reduced_scale_decoders_agree_with_full_decode(tmp_path, decoder):
+    """500 px photos cropped to 64: the DCT-scaled decodes differ by a few grey levels."""
+    if decoder == 'simplejpeg':
+        pytest.importorskip('simplejpeg')
+    root = write_folder(tmp_path, per_class=2, sizes=((500, 375),))
+    cfg = folder_config(root, holdout_fraction=0.0, eval_split='train', image_size=64)
+    reference = next(data.eval_batches(cfg.copy_and_resolve_references(), global_batch_size=6))
+    cfg.decoder = decoder
+    ours = next(data.eval_batches(cfg, global_batch_size=6))
+    difference = np.abs(ours['image'].astype(float) - reference['image'])
+    assert difference.mean() < 3 and np.percentile(difference, 99) < 16
+    np.testing.assert_array_equal(ours['label'], reference['label'])
+
+
+def test_inception_box_stays_inside_and_covers_the_area_range():
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, width, height = pil_preprocess.inception_box(
+            (500, 375), rng, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert left >= 0 and left + width <= 500 and top >= 0 and top + height <= 375
+        assert 0.07 * 500 * 375 <= width * height <= 500 * 375
+
+
+def test_cifar_pad_crop_shifts_in_black_borders():
+    image = np.full((8, 8, 3), 200, np.uint8)
+    crops = [pil_preprocess.pad_crop(image, random.Random(s), 4) for s in range(20)]
+    assert all(c.shape == image.shape for c in crops)
+    assert any((c == 0).any() for c in crops) and any((c == 200).all() for c in crops)
+
+
+def test_bad_choices_fail_with_one_line(folder):
+    with pytest.raises(ValueError, match="data.decoder='turbo' is not one of"):
+        next(data.train_batches(folder_config(folder, decoder='turbo'), global_batch_size=6,
+                                seed=0))
+    with pytest.raises(ValueError, match="data.loader='ffcv' is not one of"):
+        data.get_info(folder_config(folder, loader='ffcv'))
+    with pytest.raises(ValueError, match="data.loader='tf'"):
+        next(data.train_batches(folder_config(folder, auto_augment='randaugment'),
+                                global_batch_size=6, seed=0))
+    with pytest.raises(FileNotFoundError, match='resnet_flax.data.prepare'):
+        data.get_info(folder_config(folder, dataset='prepared'))
+
+
+def test_dali_when_absent_is_a_one_line_error(folder):
+    from resnet_flax.data import dali_source
+
+    if dali_source.available():
+        pytest.skip('DALI is installed here')
+    with pytest.raises(ValueError, match="data.loader='dali' needs NVIDIA DALI"):
+        data.get_info(folder_config(folder, loader='dali'))
+
+
+def test_prepare_round_trip_and_rerun_skips_written_shards(folder, tmp_path):
+    cfg_json = prepare.json.dumps({'dataset': 'image_folder', 'data_dir': str(folder),
+                                   'train_split': 'train', 'eval_split': 'validation',
+                                   'holdout_fraction': 0.25})
+    out = tmp_path / 'store'
+    info = prepare.prepare(cfg_json, ['train', 'validation'], str(out), max_side=32,
+                           quality=90, examples_per_shard=5, workers=1)
+    assert {k: v.num_examples for k, v in info.splits.items()} == {'train': 18, 'validation': 6}
+    assert len(info.splits['train'].shards) == 4
+    assert store.read_info(out) == info
+    first_shard = out / 'train' / info.splits['train'].shards[0]
+    stamp = first_shard.stat().st_mtime_ns
+    prepare.prepare(cfg_json, ['train', 'validation'], str(out), max_side=32, quality=90,
+                    examples_per_shard=5, workers=1)
+    assert first_shard.stat().st_mtime_ns == stamp  # not rewritten
+
+    raw = folder_config(folder, eval_image_size=24)
+    stored = folder_config(out, dataset='prepared', eval_image_size=24)
+    assert data.get_info(stored).label_names == data.get_info(raw).label_names
+    ours = next(data.eval_batches(stored, global_batch_size=6))
+    theirs = next(data.eval_batches(raw, global_batch_size=6))
+    np.testing.assert_array_equal(ours['label'], theirs['label'])
+    # The stored copy is the original shrunk to 32 px and re-encoded: the same pictures,
+    # far closer to their originals than to the other images.
+    own = np.abs(ours['image'].astype(float) - theirs['image']).mean()
+    others = np.abs(ours['image'].astype(float) - np.roll(theirs['image'], 1, axis=0)).mean()
+    assert own < 16 and own < others / 3
+    for image_bytes, _ in (grain_source.records(stored, 'train')[i] for i in range(18)):
+        with Image.open(pil_preprocess.io.BytesIO(image_bytes)) as image:
+            assert max(image.size) <= 32 and image.format == 'JPEG'
+
+
+def test_grain_loader_imports_no_tensorflow(folder, tmp_path):
+    code = (
+        'import sys, configs.base\n'
+        'from resnet_flax import data\n'
+        'cfg = configs.base.get_config().data\n'
+        f'cfg.update(dataset="image_folder", data_dir={str(folder)!r}, loader="grain",\n'
+        '           image_size=8, holdout_fraction=0.25, num_workers=0)\n'
+        'data.get_info(cfg)\n'
+        'next(data.train_batches(cfg, global_batch_size=6, seed=0))\n'
+        'next(data.eval_batches(cfg, global_batch_size=6))\n'
+        'assert "tensorflow" not in sys.modules, "tensorflow was imported"\n'
+    )
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(folder):
+    cfg = folder_config(folder)
+    threads = train(cfg, 4)
+    cfg.num_workers = 2
+    workers = train(cfg, 4)
+    for a, b in zip(threads, workers, strict=True):
+        np.testing.assert_array_equal(a['image'], b['image'])
+
+
+# ---- imagenet2012 prepared as ArrayRecord by the real TFDS builder.
+
+@pytest.fixture(scope='module')
+def imagenet_array_record(tmp_path_factory):
+    pytest.importorskip('tensorflow_datasets')
+    from tests.imagenet_fixture import make_imagenet
+
+    return make_imagenet(tmp_path_factory.mktemp('imagenet_ar'), num_classes=3,
+                         train_per_class=4, val_per_class=2, file_format='array_record')
+
+
+def imagenet_config(data_dir, **overrides):
+    cfg = configs.base.get_config().data
+    cfg.update(dataset='imagenet2012', data_dir=data_dir, loader='grain', image_size=16,
+               eval_split='validation', num_workers=0, threadpool_size=2)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.mark.slow
+def test_tfds_array_record_train_and_exact_eval_without_tensorflow(imagenet_array_record):
+    cfg = imagenet_config(imagenet_array_record)
+    info = data.get_info(cfg)
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (12, 6, 1000)
+    labels = np.concatenate([b['label'] for b in train(cfg, 3, global_batch_size=4)])
+    source = grain_source.records(cfg, 'train')
+    assert sorted(labels.tolist()) == sorted(source[i][1] for i in range(12))
+    passes = [list(data.eval_batches(cfg, global_batch_size=4, process_index=p,
+                                     process_count=2)) for p in range(2)]
+    masked = np.concatenate([b['label'][b['mask']] for p in passes for b in p])
+    validation = grain_source.records(cfg, 'validation')
+    assert sorted(masked.tolist()) == sorted(validation[i][1] for i in range(6))
+    code = (
+        'import sys, configs.base\n'
+        'from resnet_flax import data\n'
+        'cfg = configs.base.get_config().data\n'
+        f'cfg.update(dataset="imagenet2012", data_dir={imagenet_array_record!r},\n'
+        '           loader="grain", image_size=8, eval_split="validation", num_workers=0)\n'
+        'next(data.train_batches(cfg, global_batch_size=4, seed=0))\n'
+        'assert "tensorflow" not in sys.modules, "tensorflow was imported"\n'
+    )
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_prepare_from_tfds_array_record(imagenet_array_record, tmp_path):
+    cfg_json = prepare.json.dumps({'dataset': 'imagenet2012', 'data_dir': imagenet_array_record,
+                                   'train_split': 'train', 'eval_split': 'validation',
+                                   'holdout_fraction': 0.0})
+    info = prepare.prepare(cfg_json, ['train', 'validation'], str(tmp_path), max_side=256,
+                           quality=90, examples_per_shard=8, workers=1)
+    assert info.splits['validation'].num_examples == 6 and len(info.classes) == 1000
+    stored = imagenet_config(str(tmp_path), dataset='prepared')
+    direct = imagenet_config(imagenet_array_record)
+    # Images under max_side keep their bytes: the same batches, bit for bit.
+    for a, b in zip(train(stored, 3, global_batch_size=4), train(direct, 3, global_batch_size=4),
+                    strict=True):
+        np.testing.assert_array_equal(a['image'], b['image'])
