@@ -37,6 +37,7 @@ from absl import app, flags
 from PIL import Image
 
 import configs.base
+from bench import jpeg_files
 from resnet_flax import data
 from resnet_flax.data import info as info_lib
 from resnet_flax.data import prepare
@@ -53,25 +54,8 @@ flags.DEFINE_float('target', 8000.0, 'Accelerator images/s to size the host for.
 flags.DEFINE_string('folder', '', 'Where to write the JPEGs; empty = a temporary folder.')
 flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
 
-HEIGHTS = (333, 375, 400, 500)
-WIDTH = 500
-
-
-def write_jpegs(root: Path, count: int, seed: int = 0) -> float:
-    """Photo-like JPEGs (smooth colour fields plus grain) in two class folders; mean KB."""
-    rng = np.random.default_rng(seed)
-    sizes = []
-    for i in range(count):
-        folder = root / f'class{i % 2}'
-        folder.mkdir(parents=True, exist_ok=True)
-        height = int(rng.choice(HEIGHTS))
-        coarse = Image.fromarray((rng.random((12, 16, 3)) * 255).astype(np.uint8))
-        field = np.asarray(coarse.resize((WIDTH, height), Image.Resampling.BICUBIC), np.float32)
-        pixels = np.clip(field + rng.normal(0, 18, field.shape), 0, 255).astype(np.uint8)
-        path = folder / f'{i:05d}.jpg'
-        Image.fromarray(pixels).save(path, quality=90)
-        sizes.append(path.stat().st_size)
-    return float(np.mean(sizes)) / 1024
+WIDTH, HEIGHTS = jpeg_files.WIDTH, jpeg_files.HEIGHTS
+write_jpegs = jpeg_files.write_jpegs
 
 
 # ---- the reference: PIL in a plain Python loop (torchvision's recipe, written out).

@@ -153,3 +153,22 @@ def test_gpu_script_writes_its_json_and_table_when_nothing_fits(tmp_path):
     assert all(status.startswith('skipped') for status in items.values())
     assert 'jax_r50_train' in (tmp_path / 'gpu_results.txt').read_text()
     assert (tmp_path / 'gpu_log.txt').exists()
+
+
+@pytest.mark.slow
+def test_input_pipeline_measures_every_loader_on_the_same_files():
+    result = run_bench('input_pipeline', ['--images=16', '--batch=8', '--repeats=1',
+                                          '--image_size=32', '--low_res_size=24',
+                                          '--store_side=48'], timeout=600)
+    records = result['records']
+    keys = {'loader', 'recipe', 'images_per_sec_per_core', 'bytes_per_image_to_device'}
+    assert all(keys <= set(r) for r in records)
+    found = {(r['loader'], r['source'], r['recipe']) for r in records}
+    assert ('grain-pil', 'store48', 'imagenet train 24') in found
+    assert ('grain-pil_draft', 'jpeg', 'imagenet eval 32') in found
+    assert ('pil_loop', 'jpeg', 'imagenet train 32') in found
+    for record in records:
+        assert record['images_per_sec_per_core'] > 0
+        size = int(record['recipe'].split()[-1])
+        if record['loader'].startswith('grain'):  # uint8 images and int32 labels
+            assert record['bytes_per_image_to_device'] == size * size * 3 + 4

@@ -1,0 +1,122 @@
+"""Is training input-bound? The trainer on real JPEG files vs the same trainer on synthetic data.
+
+    python -m bench.input_bound --config=configs/resnet18.py --config.model.stage_sizes='(1,1)' \
+        --config.model.stage_widths='(8,16)' --config.model.stem_width=8 --image_size=112 \
+        --batch_size_per_device=32 --images=512 --steps=10 --windows=4 --json
+
+Writes `--images` generated ImageNet-like JPEGs (bench/input_pipeline.py's) into an image
+folder, then runs `train.train_and_evaluate` -- the whole loop: data, step, metrics -- with a
+tiny model (so that the input, not the model, is the limit) on:
+- synthetic: random batches made in memory (no decoding): the loop's ceiling;
+- tf: the image folder through tf.data (data.loader='tf');
+- grain: the image folder through the TensorFlow-free loader (data.loader='grain');
+- grain_store: a prepared store of the folder (longest side 256) through grain.
+Runs alternate (`--repeats` rounds) in one process. Each logs every `--steps` steps; the
+first window (compilation) is left out and the median of the others' logged images/s and
+`input_wait_fraction` (the share of step time spent waiting for the next batch, from
+metrics.jsonl) is reported. An input-bound run has a wait fraction near 1 and images/s
+near what its loader alone makes; a compute-bound one near 0 and the synthetic images/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+from absl import flags
+
+from bench import common
+from bench.jpeg_files import write_jpegs
+from resnet_flax import cli, metrics, train
+from resnet_flax.data import prepare
+
+FLAGS = common.FLAGS
+flags.DEFINE_integer('images', 512, 'Generated JPEGs in the image folder.')
+flags.DEFINE_list('loaders', ['synthetic', 'tf', 'grain', 'grain_store'],
+                  'What feeds the loop (tf is skipped where TensorFlow is missing).')
+flags.DEFINE_integer('repeats', 1, 'Alternating rounds over the loaders.')
+flags.DEFINE_integer('threads', 0, 'Decoding threads of the loaders; 0 = every core.')
+
+
+def run_config(config, loader: str, folder: Path, store: Path):
+    """The benchmark config fed by `loader`, for --windows + 1 logged windows."""
+    config = copy.deepcopy(config)
+    total = (FLAGS.windows + 1) * FLAGS.steps
+    config.update(num_train_steps=total, log_every_steps=FLAGS.steps, eval_every_steps=total,
+                  checkpoint_every_steps=0, profile_start_step=-1, init_from='')
+    config.optimizer.warmup_steps = 1
+    if loader != 'synthetic':
+        config.data.update(
+            dataset='prepared' if loader == 'grain_store' else 'image_folder',
+            data_dir=str(store if loader == 'grain_store' else folder),
+            loader='tf' if loader == 'tf' else 'grain', train_split='train',
+            eval_split='train', holdout_fraction=0.0, verify_images=False,
+            threadpool_size=FLAGS.threads, num_workers=0)
+        config.model.num_classes = 2
+    return config
+
+
+def run_once(config) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
+        train.train_and_evaluate(config, workdir)
+        records = metrics.read_metrics(workdir, 'train')[1:]  # the first window compiles
+    waits = [r['input_wait_fraction'] for r in records if 'input_wait_fraction' in r]
+    return {'images_per_sec': statistics.median(r['images_per_sec'] for r in records),
+            'input_wait_fraction': statistics.median(waits) if waits else None}
+
+
+def write_data(root: Path) -> tuple[Path, Path]:
+    folder, store = root / 'jpeg', root / 'store'
+    write_jpegs(folder / 'train', FLAGS.images)
+    cfg_json = json.dumps({'dataset': 'image_folder', 'data_dir': str(folder),
+                           'train_split': 'train', 'eval_split': 'train',
+                           'holdout_fraction': 0.0})
+    prepare.prepare(cfg_json, ['train'], str(store), max_side=256, quality=90,
+                    examples_per_shard=1024, workers=1)
+    return folder, store
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = common.config_from_flags()
+    loaders = [name for name in FLAGS.loaders
+               if name != 'tf' or importlib.util.find_spec('tensorflow') is not None]
+    runs: dict[str, list[dict]] = {name: [] for name in loaders}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder, store = write_data(Path(scratch))
+        for _ in range(FLAGS.repeats):
+            for name in loaders:
+                runs[name].append(run_once(run_config(config, name, folder, store)))
+    rows = []
+    for name in loaders:
+        best = max(runs[name], key=lambda run: run['images_per_sec'])
+        rows.append({'loader': name, 'images_per_sec': round(best['images_per_sec'], 1),
+                     'input_wait_fraction': best['input_wait_fraction']})
+    ceiling = rows[0]['images_per_sec'] if loaders[0] == 'synthetic' else None
+    for row in rows:
+        row['vs_synthetic'] = round(row['images_per_sec'] / ceiling, 3) if ceiling else None
+    result = {'benchmark': 'input_bound', 'images': FLAGS.images,
+              'batch_size': config.batch_size, 'image_size': int(config.data.image_size),
+              'steps_per_window': FLAGS.steps, 'windows': FLAGS.windows,
+              'devices': jax.device_count(), 'rows': rows, 'env': common.environment()}
+    if FLAGS.json:
+        common.report(result, True)
+    else:
+        print(f"{FLAGS.images} JPEGs, batch {config.batch_size}, {result['image_size']} px, "
+              f"{jax.device_count()} device(s); median of {FLAGS.windows} windows of "
+              f"{FLAGS.steps} steps")
+        print(common.format_table(rows, ['loader', 'images_per_sec', 'input_wait_fraction',
+                                         'vs_synthetic']))
+
+
+if __name__ == '__main__':
+    common.define_flags(steps_default=10, windows_default=4)
+    cli.run(main)
