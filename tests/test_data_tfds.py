@@ -259,3 +259,25 @@ def test_an_epoch_with_fewer_batches_than_expected_ends_cleanly():
     seen = [(int(b['epoch'][0]), int(b['i'])) for b in itertools.islice(batches, 10)]
     assert seen == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1),
                     (2, 0), (2, 1), (2, 2), (2, 3)]
+
+
+@pytest.mark.slow
+def test_tfrecords_need_array_record_for_grain_and_prepare_converts_them(imagenet_dir, tmp_path):
+    import json
+
+    from resnet_flax.data import prepare
+
+    with pytest.raises(FileNotFoundError, match='--file_format=array_record'):
+        data.get_info(imagenet_config(imagenet_dir, loader='grain'))
+    cfg_json = json.dumps({'dataset': 'imagenet2012', 'data_dir': imagenet_dir,
+                           'train_split': 'train', 'eval_split': 'validation',
+                           'holdout_fraction': 0.0})
+    info = prepare.prepare(cfg_json, ['train', 'validation'], str(tmp_path), max_side=256,
+                           quality=90, examples_per_shard=5, workers=1)
+    assert {k: v.num_examples for k, v in info.splits.items()} == {
+        'train': NUM_TRAIN, 'validation': NUM_VAL}
+    stored = imagenet_config(str(tmp_path), dataset='prepared', loader='grain')
+    labels = [b['label'][b['mask']] for b in data.eval_batches(stored, global_batch_size=4)]
+    builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
+    expected = [int(ex['label']) for ex in tfds.as_numpy(builder.as_dataset('validation'))]
+    assert np.concatenate(labels).tolist() == expected

@@ -183,7 +183,9 @@ def _classes(cfg_json: str) -> tuple[str, ...]:
     except FileNotFoundError:
         from resnet_flax.data import tfds_source
 
-        return tfds_source.get_info(cfg).label_names
+        found = tfds_source.builder(cfg)
+        label_key = tfds_source._keys(found)[1]  # noqa: SLF001 - same checks
+        return tuple(found.info.features[label_key].names)
 
 
 def prepare(cfg_json: str, splits: list[str], out: str, *, max_side: int, quality: int,
