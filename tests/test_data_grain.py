@@ -214,6 +214,7 @@ def test_prepare_round_trip_and_rerun_skips_written_shards(folder, tmp_path):
             assert max(image.size) <= 32 and image.format == 'JPEG'
 
 
+@pytest.mark.slow  # a fresh interpreter importing grain and jax: ~10 s on 2 cores
 def test_grain_loader_imports_no_tensorflow(folder, tmp_path):
     code = (
         'import sys, configs.base\n'
