@@ -170,7 +170,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Training loop (resnet_flax/train.py).
     config.batch_size = 256  # global batch per optimizer update, over all devices and processes
-    config.grad_accum_steps = 1  # split each batch into this many sequential micro-batches
+    # Split each batch into this many sequential micro-batches (micro-batch i takes every k-th
+    # example from i) and average their gradients: one update, less memory. BatchNorm is not
+    # accumulated: each micro-batch is normalised by its own statistics (batch_size / k
+    # examples, as ghost BN), and the running averages take one momentum step per micro-batch,
+    # k per update (so bn_momentum m acts like m**k per update).
+    config.grad_accum_steps = 1
     config.num_epochs = 90.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.label_smoothing = 0.0

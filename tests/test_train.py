@@ -178,6 +178,59 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
     assert float(metrics['loss']) == pytest.approx(float(expected_loss), rel=1e-5)
 
 
+def _bn_inputs(model, variables, images) -> dict[tuple[str, ...], np.ndarray]:
+    """The input of every BatchNorm in a train-mode forward pass, by module path."""
+    import flax.linen as nn
+
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+            seen[context.module.path] = np.asarray(args[0], np.float64)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, images, train=True, mutable=['batch_stats'])
+    return seen
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_updates_bn_running_averages_once_per_micro_batch():
+    # Reference, computed apart from the model's BN: each micro-batch's mean and biased variance
+    # of every BN input, folded into the running averages k times in sequence.
+    k, momentum = 4, 0.8
+    config = tiny_config(**{'model.bn_momentum': momentum})
+    model = models.from_config(config.model)
+    optimizer = optim.create_optimizer(config, 44)
+    mesh = sharding.create_mesh()
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), (16, 16, 3), False, mesh)
+    batch = next(data.train_batches(config.data, global_batch_size=32, seed=0, process_index=0,
+                                    process_count=1))
+    new_state, _ = steps.train_step(
+        state, batch, model=model, optimizer=optimizer, learning_rate_fn=lambda step: 0.1,
+        cfg=steps.StepConfig(grad_accum_steps=k), batch_sharding=sharding.batch_sharding(mesh))
+
+    import flax.traverse_util
+
+    start = flax.traverse_util.flatten_dict(jax.device_get(state.batch_stats))
+    got = flax.traverse_util.flatten_dict(jax.device_get(new_state.batch_stats))
+    expected = {key: np.asarray(value, np.float64) for key, value in start.items()}
+    for i in range(k):  # micro-batch i is every k-th example from i
+        inputs = _bn_inputs(model, state.variables(), batch['image'][i::k])
+        for path, x in inputs.items():
+            mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+            for name, stat in (('mean', mean), ('var', var)):
+                expected[(*path, name)] = momentum * expected[(*path, name)] + (1 - momentum) * stat
+    assert len(inputs) >= 4 and set(expected) == set(got)
+    for key in got:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    # Not the same as one update with the whole batch's statistics.
+    whole = _bn_inputs(model, state.variables(), batch['image'])
+    path = sorted(whole)[-1]
+    one_update = momentum * start[(*path, 'var')] + (1 - momentum) * whole[path].var((0, 1, 2))
+    assert np.abs(np.asarray(got[(*path, 'var')]) - one_update).max() > 1e-3
+
+
 def test_ema_weights_are_evaluated_alongside(tmp_path):
     summary = train.train_and_evaluate(tiny_config(ema_decay=0.5), str(tmp_path))
     assert 0.0 <= summary['eval_ema_top1'] <= 1.0
