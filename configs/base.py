@@ -40,8 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.groups = 1  # ResNeXt cardinality of the 3x3 conv
     model.base_width = 64  # ResNeXt width per group (64 with groups=1 is a plain ResNet)
     model.se_ratio = 0.0  # squeeze-and-excitation reduction ratio; 0 = off (SENet uses 1/16)
-    model.dtype = 'float32'  # compute dtype; 'bfloat16' for mixed precision
-    model.param_dtype = 'float32'  # parameters, optimizer state and BN statistics stay float32
+    # Compute dtype: 'bfloat16' for mixed precision (TPUs, A100 and newer); 'float16' (GPUs
+    # without bf16, e.g. V100, T4) trains with dynamic loss scaling (resnet_flax/precision.py).
+    model.dtype = 'float32'
+    model.param_dtype = 'float32'  # parameters, optimizer state and BN statistics: float32 to train
     model.bn_momentum = 0.9
     model.bn_epsilon = 1e-5
     # BN statistics over the global batch (0, synced across devices under jit), or over

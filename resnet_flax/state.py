@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from resnet_flax import sharding
+from resnet_flax import precision, sharding
 
 PyTree = Any
 
@@ -30,6 +30,8 @@ class TrainState:
     rng: jax.Array  # a raw uint32 key, so that it checkpoints as a plain array
     ema_params: PyTree = None  # None when config.ema_decay == 0
     ema_batch_stats: PyTree = None
+    # The dynamic loss scale when the model computes in float16 (precision.py), else None.
+    loss_scale: precision.LossScale | None = None
 
     def variables(self, use_ema: bool = False) -> dict[str, PyTree]:
         """The model variables to evaluate: the raw weights or their moving average."""
@@ -62,6 +64,8 @@ def _new_state(
         rng=state_rng,
         ema_params=params if use_ema else None,
         ema_batch_stats=batch_stats if use_ema else None,
+        loss_scale=(precision.LossScale.create()
+                    if precision.needs_loss_scale(getattr(model, 'dtype', jnp.float32)) else None),
     )
 
 

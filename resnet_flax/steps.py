@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from resnet_flax import precision
 from resnet_flax.state import TrainState
 
 PyTree = Any
@@ -58,24 +59,26 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def _loss_and_updates(model: nn.Module, params, batch_stats, batch: Batch, cfg: StepConfig,
-                      poison: jax.Array):
+                      multiplier: jax.Array):
     logits, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats},
         batch['image'],
         train=True,
         mutable=['batch_stats'],
     )
-    loss = jnp.mean(cross_entropy(logits, batch['label'], cfg.label_smoothing)) * poison
+    # `multiplier` is 1, or the float16 loss scale, or NaN at the test-only debug step.
+    loss = jnp.mean(cross_entropy(logits, batch['label'], cfg.label_smoothing)) * multiplier
     top1 = jnp.mean(correct_topk(logits, batch['label'], 1))
     return loss, (updates['batch_stats'], top1)
 
 
 def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_sharding,
-               poison: jax.Array):
+               multiplier: jax.Array):
     """Mean loss gradient over the batch, in `grad_accum_steps` sequential micro-batches."""
     grad_fn = jax.value_and_grad(_loss_and_updates, argnums=1, has_aux=True)
     if cfg.grad_accum_steps == 1:
-        (loss, (batch_stats, top1)), grads = grad_fn(model, params, batch_stats, batch, cfg, poison)
+        (loss, (batch_stats, top1)), grads = grad_fn(model, params, batch_stats, batch, cfg,
+                                                     multiplier)
         return loss, top1, batch_stats, grads
 
     k = cfg.grad_accum_steps
@@ -90,7 +93,7 @@ def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_
     def accumulate(carry, micro):
         grads_sum, loss_sum, top1_sum, stats = carry
         micro = jax.lax.with_sharding_constraint(micro, batch_sharding)
-        (loss, (stats, top1)), grads = grad_fn(model, params, stats, micro, cfg, poison)
+        (loss, (stats, top1)), grads = grad_fn(model, params, stats, micro, cfg, multiplier)
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
         return (grads_sum, loss_sum + loss, top1_sum + top1, stats), None
 
@@ -124,9 +127,13 @@ def train_step(
     """One optimizer update on one global batch. Returns the new state and scalar metrics."""
     # 1.0, except at the test-only debug step, where it makes the loss (and gradients) NaN.
     poison = jnp.where(state.step == cfg.debug_nan_at_step, jnp.nan, 1.0)
+    scaler = state.loss_scale  # float16 compute only: the loss is scaled, the gradients unscaled
+    multiplier = poison if scaler is None else poison * scaler.scale
     loss, top1, batch_stats, grads = _gradients(
-        model, state.params, state.batch_stats, batch, cfg, batch_sharding, poison
+        model, state.params, state.batch_stats, batch, cfg, batch_sharding, multiplier
     )
+    if scaler is not None:
+        loss, grads = loss / scaler.scale, precision.unscale(scaler, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
@@ -145,6 +152,32 @@ def train_step(
     }
     if cfg.log_block_grad_norms:
         metrics.update(block_grad_norms(grads))
+    if scaler is not None:
+        new_state, metrics = _skip_if_not_finite(state, new_state, grads, metrics)
+    return new_state, metrics
+
+
+def _skip_if_not_finite(state: TrainState, new_state: TrainState, grads,
+                        metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """float16: a step with non-finite gradients keeps the old weights, optimizer state, BN
+    statistics and EMA, and adjusts the loss scale. Its gradient norm counts as 0 (nothing was
+    applied), per block too; `skipped_updates` says how often that happened."""
+    finite = precision.all_finite(grads)
+    kept = precision.keep_if(
+        finite,
+        (new_state.params, new_state.opt_state, new_state.batch_stats,
+         new_state.ema_params, new_state.ema_batch_stats),
+        (state.params, state.opt_state, state.batch_stats, state.ema_params,
+         state.ema_batch_stats))
+    params, opt_state, batch_stats, ema_params, ema_batch_stats = kept
+    new_state = new_state.replace(
+        params=params, opt_state=opt_state, batch_stats=batch_stats, ema_params=ema_params,
+        ema_batch_stats=ema_batch_stats,
+        loss_scale=precision.adjust(state.loss_scale, finite))
+    norms = {name: jnp.where(finite, value, 0.0) for name, value in metrics.items()
+             if name.startswith('grad_norm')}
+    metrics = {**metrics, **norms, 'loss_scale': state.loss_scale.scale,
+               'skipped_updates': 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
 

@@ -19,7 +19,17 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from resnet_flax import checkpoint, data, evaluate, models, optim, sharding, steps, workdir_lock
+from resnet_flax import (
+    checkpoint,
+    data,
+    evaluate,
+    models,
+    optim,
+    precision,
+    sharding,
+    steps,
+    workdir_lock,
+)
 from resnet_flax import metrics as metrics_lib
 from resnet_flax.state import TrainState, abstract_state, create_train_state
 
@@ -61,6 +71,7 @@ def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) ->
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, before anything compiles, on settings that cannot work here."""
     sharding.check_batch_size(config.batch_size)
+    precision.check_training_dtypes(config.model)
     sharding.check_batch_size(evaluate.eval_batch_size(config), 'eval_batch_size')
     k = config.grad_accum_steps
     if k < 1 or config.batch_size % (k * jax.device_count()):
