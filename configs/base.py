@@ -114,6 +114,12 @@ def get_config() -> ml_collections.ConfigDict:
     # image_size (224 from 256 by default); 'resize' resizes the whole image to image_size.
     data.eval_crop = ''  # '' | 'center' | 'resize'
     data.eval_crop_fraction = 0.875
+    # 'torchvision' evaluates as torchvision's ImageNet transforms do: accurate JPEG decoding,
+    # antialiased bilinear resize of the short side to image_size / eval_crop_fraction (256),
+    # centre crop image_size (224), with PIL's rounding. '' = 'torchvision' for weights
+    # converted from PyTorch (eval.py reads it from the checkpoint), else 'native': the
+    # eval_crop recipe above.
+    data.eval_preset = ''  # '' | 'native' | 'torchvision'
 
     # Throughput and memory. Cores and buffers are shared among the processes on a host
     # (resnet_flax/data/budget.py): processes_per_host 0 = from the launcher (LOCAL_WORLD_SIZE,

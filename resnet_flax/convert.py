@@ -291,6 +291,9 @@ def convert_file(weights_file: str, out: str, name: str, num_classes: int | None
         'name': name,
         'model': {key: list(v) if isinstance(v, tuple) else v for key, v in fields.items()},
         'source': str(weights_file),
+        # Weights trained on torchvision's preprocessing are evaluated with it (eval.py reads
+        # this; data.eval_preset='native' overrides it).
+        'eval_preset': 'torchvision',
         'code_version': checkpoint.code_version(),
     }
     weights.save_converted(out, variables, meta)

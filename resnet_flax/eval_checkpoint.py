@@ -6,6 +6,8 @@
 The model comes from `config.model` and must fit the checkpoint (a one-line error names the
 first array that does not). Evaluation is `evaluate.evaluate`: exact, over every example of
 the split, on all devices and processes, the same code the training loop evaluates with.
+Weights converted from PyTorch are preprocessed as torchvision's eval transforms do
+(`data.eval_preset`), unless the config chooses otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def restore_model(config: ml_collections.ConfigDict, ckpt: weights.Checkpoint,
     return model, weights.load_variables(ckpt, target, use_ema, config.model)
 
 
+def with_eval_preset(config: ml_collections.ConfigDict,
+                     ckpt: weights.Checkpoint) -> ml_collections.ConfigDict:
+    """`config` with data.eval_preset resolved: an explicit choice stands; '' takes the one the
+    checkpoint records ('torchvision' for weights converted from PyTorch), else 'native'."""
+    if config.data.eval_preset:
+        return config
+    preset = ckpt.meta.get('eval_preset')
+    if preset is None:  # converted before the preset was recorded
+        converted = str(ckpt.meta.get('format', '')).startswith('resnet_flax.convert/')
+        preset = 'torchvision' if converted else 'native'
+    config = config.copy_and_resolve_references()
+    config.data.eval_preset = preset
+    return config
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
                         step: str | int = 'latest', split: str | None = None,
                         use_ema: bool = False) -> dict[str, Any]:
@@ -51,6 +68,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
     _check_classes(config, info.num_classes)
     sharding.check_batch_size(evaluate.eval_batch_size(config), 'eval_batch_size')
     ckpt = weights.locate(path, step)
+    config = with_eval_preset(config, ckpt)
     mesh = sharding.create_mesh()
     model, variables = restore_model(config, ckpt, info.image_shape, mesh, use_ema)
     results = evaluate.evaluate(evaluate.make_eval_fn(model, mesh), variables, config, mesh,
@@ -66,6 +84,7 @@ def predict_checkpoint(config: ml_collections.ConfigDict, path: str, images: Seq
     need not be present: only its preprocessing and class names are used."""
     size = int(config.data.image_size)
     ckpt = weights.locate(path, step)
+    config = with_eval_preset(config, ckpt)
     mesh = sharding.create_mesh()
     model, variables = restore_model(config, ckpt, (size, size, 3), mesh, use_ema)
     return ckpt, predict.predict_files(model, variables, images, config.data, k)

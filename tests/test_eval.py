@@ -227,6 +227,9 @@ def test_convert_cli_then_eval_py_image_end_to_end(tmp_path):
         '--config=configs/base.py', '--config.data.dataset=image_folder',
         f'--config.data.data_dir={root}', '--config.data.image_size=32',
         '--config.data.eval_crop=resize', *model_flags, f'--checkpoint={out}',
+        # Converted weights get torchvision's resize-256-crop-224 unless told otherwise; this
+        # test feeds 32x32 images as they are (tests/test_torchvision_eval.py covers the preset).
+        '--config.data.eval_preset=native',
         *[f'--image={p}' for p in images], '--json'])
     reported = json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -23,6 +23,8 @@ BUILT_IN = ('digits', 'synthetic', 'image_folder', 'prepared')
 LOADERS = ('auto', 'tf', 'grain', 'dali')
 TRAIN_CROPS = ('', 'inception', 'pad', 'none')
 EVAL_CROPS = ('', 'center', 'resize')
+# '' = automatic: 'torchvision' for weights converted from PyTorch, else the data set's recipe.
+EVAL_PRESETS = ('', 'native', 'torchvision')
 AUTO_AUGMENTS = ('', 'randaugment', 'trivialaugment')
 # Images whose larger side is at most this get the CIFAR recipe by default (pad-crop, resize).
 SMALL_IMAGE_MAX_SIDE = 64
@@ -86,7 +88,7 @@ def validate(data_cfg) -> None:
     if int(data_cfg.image_size) < 1:
         raise ValueError(f'data.image_size={data_cfg.image_size} must be a positive integer.')
     choices = (('train_crop', TRAIN_CROPS), ('eval_crop', EVAL_CROPS),
-               ('auto_augment', AUTO_AUGMENTS))
+               ('auto_augment', AUTO_AUGMENTS), ('eval_preset', EVAL_PRESETS))
     for name, valid in choices:
         if data_cfg[name] not in valid:
             raise ValueError(f'data.{name}={data_cfg[name]!r} is not one of {valid}.')

@@ -10,6 +10,11 @@ augmentation is a pure function of (seed, epoch, process, position) and survives
   eval size; the same window as "resize the short side to size / crop_fraction, centre-crop
   size" (224 from 256), decoded fused with the crop.
 - CIFAR (He et al. 2016): zero-pad `padding` pixels, random crop back, random flip.
+- torchvision's eval (for weights converted from PyTorch): the whole image decoded with the
+  accurate integer IDCT (PIL's default; the fast one differs by a few levels), the short side
+  resized to `resize_size` with an antialiased bilinear filter (PIL's BILINEAR, which
+  torchvision's Resize applies to PIL images), the centre crop at torchvision's offsets, and
+  rounded to uint8 as PIL's output is.
 
 Non-JPEG files (PNG, GIF, BMP) are decoded whole, then cropped. Grayscale is replicated to
 RGB and alpha dropped (channels=3 in every decoder).
@@ -49,6 +54,41 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
     """The whole image, uint8 [h, w, 3]."""
     image = tf.io.decode_image(encoded, channels=CHANNELS, expand_animations=False)
     return tf.ensure_shape(image, [None, None, CHANNELS])
+
+
+def decode_accurate(encoded: tf.Tensor) -> tf.Tensor:
+    """The whole image, uint8 [h, w, 3]; JPEGs with libjpeg's accurate integer IDCT, as PIL."""
+
+    def jpeg():
+        return tf.image.decode_jpeg(encoded, channels=CHANNELS, dct_method='INTEGER_ACCURATE')
+
+    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, lambda: decode(encoded))
+    return tf.ensure_shape(image, [None, None, CHANNELS])
+
+
+def short_side_shape(shape: tf.Tensor, short: int) -> tf.Tensor:
+    """[h, w] with the short side `short` and the long one int(short * long / short_side),
+    truncated as torchvision's Resize(int) computes it."""
+    height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    small = tf.minimum(height, width)
+    new_h = tf.where(height <= width, float(short), tf.floor(short * height / small))
+    new_w = tf.where(height <= width, tf.floor(short * width / small), float(short))
+    return tf.cast(tf.stack([new_h, new_w]), tf.int32)
+
+
+def torchvision_center_crop(encoded: tf.Tensor, size: int, resize_size: int) -> tf.Tensor:
+    """uint8 [size, size, 3]: Resize(resize_size) then CenterCrop(size), as torchvision."""
+    image = decode_accurate(encoded)
+    new_shape = short_side_shape(tf.shape(image)[:2], resize_size)
+    resized = tf.cond(
+        tf.reduce_all(new_shape == tf.shape(image)[:2]),
+        lambda: tf.cast(image, tf.float32),  # torchvision leaves an image of that size alone
+        lambda: tf.image.resize(image, new_shape, method='bilinear', antialias=True))
+    # torchvision's offsets: round((h - size) / 2), halves to even, as Python's round().
+    top = tf.cast(tf.round(tf.cast(new_shape[0] - size, tf.float64) / 2), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_shape[1] - size, tf.float64) / 2), tf.int32)
+    crop = tf.slice(resized, tf.stack([top, left, 0]), [size, size, CHANNELS])
+    return to_uint8(tf.clip_by_value(crop, 0.0, 255.0))
 
 
 def inception_window(shape: tf.Tensor, seed: tf.Tensor, area_range, aspect_range) -> tf.Tensor:

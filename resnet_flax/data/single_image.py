@@ -23,6 +23,7 @@ import io
 import numpy as np
 from etils import epath
 
+from resnet_flax.data import imagenet_classes
 from resnet_flax.data import info as info_lib
 
 DIGITS_SIDE = 8
@@ -122,13 +123,14 @@ def _digits_image(encoded: bytes, data_cfg) -> np.ndarray:
 
 
 def label_names(data_cfg) -> tuple[str, ...]:
-    """Class names of the data set, () when it has none (synthetic)."""
+    """Class names of the data set, () when it has none (synthetic). ImageNet's WordNet ids
+    (imagenet2012, or image folders named by them) become their short names ('tench')."""
     if data_cfg.dataset in info_lib.BUILT_IN:
         from resnet_flax import data
 
-        return tuple(data.get_info(data_cfg).label_names)
+        return imagenet_classes.readable(data.get_info(data_cfg).label_names)
     from resnet_flax.data import tfds_source
 
     found = _tfds_builder(data_cfg)
     _, label_key = tfds_source._keys(found)
-    return tuple(found.info.features[label_key].names)
+    return imagenet_classes.readable(found.info.features[label_key].names)

@@ -103,7 +103,11 @@ def eval_example_fn(data_cfg, crop: str, mean, std) -> Callable:
     size = info_lib.eval_image_size(data_cfg)
 
     def fn(encoded, label):
-        if crop == 'center':
+        if data_cfg.eval_preset == 'torchvision':
+            resize_size = round(size / float(data_cfg.eval_crop_fraction))
+            image = tf.cast(preprocess.torchvision_center_crop(encoded, size, resize_size),
+                            tf.float32)
+        elif crop == 'center':
             image = preprocess.center_crop(
                 encoded, size, crop_fraction=float(data_cfg.eval_crop_fraction),
                 method=data_cfg.resize_method, antialias=data_cfg.antialias)
