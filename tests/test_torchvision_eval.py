@@ -106,6 +106,35 @@ def test_torchvision_preset_matches_torchvision_eval_transforms(jpegs):
     assert min(native) > 5 * BOUND, native
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('loader', ['tf', 'grain'])
+def test_eval_batches_of_both_loaders_follow_the_preset(jpegs, tmp_path, loader):
+    import shutil
+
+    from resnet_flax import data
+
+    for split in ('train', 'val'):  # an image folder: SPLIT/CLASS/*.jpg, two classes
+        for i, path in enumerate(jpegs):
+            folder = tmp_path / split / f'class{i % 2}'
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, folder / path.name)
+    cfg = _data_config('torchvision')
+    cfg.update(dataset='image_folder', data_dir=str(tmp_path), eval_split='val',
+               loader=loader, threadpool_size=2)
+    images = [image for batch in data.eval_batches(cfg, global_batch_size=4)
+              for image, mask in zip(batch['image'], batch['mask'], strict=True) if mask]
+    references = [_torchvision_reference(path) for path in jpegs]
+    matched = set()
+    for image in images:
+        image = np.asarray(image)
+        if image.dtype == np.uint8:
+            image = (image.astype(np.float32) / 255.0 - MEAN) / STD
+        distances = [float(np.abs(image - ref).max()) for ref in references]
+        matched.add(int(np.argmin(distances)))
+        assert min(distances) <= BOUND, (loader, min(distances))
+    assert matched == set(range(len(jpegs)))  # each file once
+
+
 def test_converted_checkpoints_choose_the_torchvision_preset():
     config = configs.resnet18.get_config()
     converted = weights.Checkpoint(None, None, {'format': 'resnet_flax.convert/1',

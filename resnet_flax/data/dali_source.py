@@ -119,6 +119,9 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
 
 def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,
                  process_count: int) -> Iterator[Batch]:
+    if data_cfg.get('eval_preset', '') == 'torchvision':
+        raise ValueError("data.eval_preset='torchvision' is implemented by the 'tf' and 'grain' "
+                         "loaders; evaluate with data.loader='grain' (or 'tf').")
     source = grain_source.records(data_cfg, split)
     local = info_lib.local_batch_size(global_batch_size, process_count)
     num_batches = info_lib.eval_batch_count(len(source), global_batch_size)

@@ -56,6 +56,7 @@ class Recipe:
     crop_padding: int
     eval_crop_fraction: float
     resize_method: str
+    eval_preset: str = ''
 
 
 # ---- records: index -> (encoded image, label), picklable for grain's worker processes.
@@ -207,6 +208,7 @@ def recipe(data_cfg, found: Found) -> Recipe:
         crop_padding=int(data_cfg.crop_padding),
         eval_crop_fraction=float(data_cfg.eval_crop_fraction),
         resize_method=str(data_cfg.resize_method),
+        eval_preset=str(data_cfg.get('eval_preset', '')),
     )
 
 

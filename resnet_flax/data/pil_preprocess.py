@@ -11,6 +11,9 @@ resume.
 - ImageNet eval: the central square covering `crop_fraction` of the short side (the window
   preprocess.center_window picks), resized to `size`.
 - CIFAR: resize to `size` if needed, zero-pad `padding` pixels, random crop back.
+- torchvision's eval (data.eval_preset='torchvision', for weights converted from PyTorch):
+  PIL decodes the whole file, resizes the short side (bilinear) and centre-crops, as
+  torchvision's Resize + CenterCrop do on PIL images.
 
 Decoders (data.decoder), all giving RGB uint8 (grayscale replicated, alpha dropped):
 - 'pil': decode the whole file, then crop and resize in one PIL call;
@@ -196,8 +199,27 @@ def train_example(encoded: bytes, rng: random.Random, recipe) -> np.ndarray:
     return image
 
 
+def torchvision_center_crop(encoded: bytes, size: int, resize_size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: torchvision's eval transforms on a PIL image, Resize(resize_size)
+    (the short side, bilinear, antialiased) then CenterCrop(size); the whole file decoded
+    with PIL's accurate IDCT."""
+    with _open(encoded) as image:
+        rgb = image.convert('RGB')
+    width, height = rgb.size
+    short = min(width, height)
+    new = (int(resize_size * width / short), int(resize_size * height / short))
+    if new != rgb.size:
+        rgb = rgb.resize(new, Image.Resampling.BILINEAR)
+    top, left = round((new[1] - size) / 2), round((new[0] - size) / 2)
+    return np.asarray(rgb.crop((left, top, left + size, top + size)), np.uint8)
+
+
 def eval_example(encoded: bytes, recipe) -> np.ndarray:
-    """uint8 [S_eval, S_eval, 3]: the centre crop, or the whole image resized."""
+    """uint8 [S_eval, S_eval, 3]: the centre crop, or the whole image resized; or
+    torchvision's Resize + CenterCrop (data.eval_preset='torchvision')."""
+    if recipe.eval_preset == 'torchvision':
+        resize_size = round(recipe.eval_image_size / recipe.eval_crop_fraction)
+        return torchvision_center_crop(encoded, recipe.eval_image_size, resize_size)
     shape = image_shape(encoded, recipe.decoder)
     if recipe.eval_crop == 'center':
         box = center_box(shape, recipe.eval_crop_fraction)

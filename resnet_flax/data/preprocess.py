@@ -70,9 +70,9 @@ def short_side_shape(shape: tf.Tensor, short: int) -> tf.Tensor:
     """[h, w] with the short side `short` and the long one int(short * long / short_side),
     truncated as torchvision's Resize(int) computes it."""
     height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    small = tf.minimum(height, width)
-    new_h = tf.where(height <= width, float(short), tf.floor(short * height / small))
-    new_w = tf.where(height <= width, tf.floor(short * width / small), float(short))
+    small, target = tf.minimum(height, width), tf.constant(short, tf.float64)
+    new_h = tf.where(height <= width, target, tf.floor(target * height / small))
+    new_w = tf.where(height <= width, tf.floor(target * width / small), target)
     return tf.cast(tf.stack([new_h, new_w]), tf.int32)
 
 
