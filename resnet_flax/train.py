@@ -193,19 +193,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _train_and_evaluate(config, workdir, info)
 
 
+@dataclasses.dataclass
+class _Run:
+    """Everything one training run holds: fixed parts from set-up, plus the loop's position."""
+
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    info: data.DatasetInfo
+    schedule: Schedule
+    mesh: Any
+    manager: Any
+    state: TrainState
+    train_step: Any
+    eval_fn: Any
+    use_ema: bool
+    writer: metrics_lib.MetricWriter
+    progress: metrics_lib.Progress
+    preemption: PreemptionWatcher
+    profiler: Profiler
+    step: int
+    last_checkpoint: int | None
+    window: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+    window_start: float = dataclasses.field(default_factory=time.time)
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_summary: dict[str, float] = dataclasses.field(default_factory=dict)
+    run_start: float = dataclasses.field(default_factory=time.time)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         info: data.DatasetInfo) -> dict[str, Any]:
-    schedule = make_schedule(config, info.num_train_examples)
-    mesh = sharding.create_mesh()
-    model = models.from_config(config.model)
-    learning_rate_fn = optim.create_learning_rate_schedule(config, schedule.steps_per_epoch)
-    optimizer = optim.create_optimizer(config, schedule.steps_per_epoch)
-    use_ema = config.ema_decay > 0
+    run = _set_up(config, workdir, info)
+    try:
+        preempted = _loop(run)
+    finally:
+        _close(run)
+    if preempted:
+        return {'step': run.step, 'preempted': True}
+    return _final_summary(run)
 
-    manager = checkpoint.create_manager(
-        checkpoint.checkpoint_dir(workdir), keep=config.keep_checkpoints
-    )
-    target = abstract_state(model, optimizer, info.image_shape, use_ema, mesh)
+
+def _restore_or_init(config, model, optimizer, manager, target, info, use_ema, mesh):
+    """The newest checkpoint if there is one, else fresh (or fine-tuning) weights."""
     state = checkpoint.restore_latest(manager, target)
     if state is None:
         state = create_train_state(
@@ -215,82 +243,124 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             from resnet_flax import finetune
 
             state = finetune.initialize_from(state, config.init_from, optimizer)
+    return state
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path,
+            info: data.DatasetInfo) -> _Run:
+    """Mesh, model, optimizer, checkpoint manager and state (restored or new), jitted steps."""
+    schedule = make_schedule(config, info.num_train_examples)
+    mesh = sharding.create_mesh()
+    model = models.from_config(config.model)
+    learning_rate_fn = optim.create_learning_rate_schedule(config, schedule.steps_per_epoch)
+    optimizer = optim.create_optimizer(config, schedule.steps_per_epoch)
+    use_ema = config.ema_decay > 0
+    manager = checkpoint.create_manager(
+        checkpoint.checkpoint_dir(workdir), keep=config.keep_checkpoints
+    )
+    target = abstract_state(model, optimizer, info.image_shape, use_ema, mesh)
+    state = _restore_or_init(config, model, optimizer, manager, target, info, use_ema, mesh)
     start_step = int(state.step)
     _save_config(config, workdir)
 
     step_cfg = steps.StepConfig.from_config(config)
-    train_step = jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target)
-    eval_fn = evaluate.make_eval_fn(model, mesh)
-
     is_main = jax.process_index() == 0
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    progress = metrics_lib.Progress(schedule.total_steps, start_step, enabled=is_main)
-    preemption = PreemptionWatcher()
-    profiler = Profiler(config, workdir)
-    last_checkpoint = manager.latest_step()
+    run = _Run(
+        config=config, workdir=workdir, info=info, schedule=schedule, mesh=mesh,
+        manager=manager, state=state,
+        train_step=jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target),
+        eval_fn=evaluate.make_eval_fn(model, mesh), use_ema=use_ema,
+        writer=metrics_lib.MetricWriter(workdir, enabled=is_main),
+        progress=metrics_lib.Progress(schedule.total_steps, start_step, enabled=is_main),
+        preemption=PreemptionWatcher(), profiler=Profiler(config, workdir),
+        step=start_step, last_checkpoint=manager.latest_step(),
+    )
     if start_step:
-        progress.write(f'Resumed from step {start_step} in {workdir}.')
-    progress.write(f'Training to step {schedule.total_steps} ({schedule.steps_per_epoch} per '
-                   f'epoch) on {jax.device_count()} devices in {jax.process_count()} processes.')
+        run.progress.write(f'Resumed from step {start_step} in {workdir}.')
+    run.progress.write(
+        f'Training to step {schedule.total_steps} ({schedule.steps_per_epoch} per '
+        f'epoch) on {jax.device_count()} devices in {jax.process_count()} processes.')
+    return run
 
-    batches = _train_batches(config, start_step, mesh)
-    window: list[dict[str, jax.Array]] = []
-    window_start = time.time()
-    eval_metrics: dict[str, float] = {}
-    train_summary: dict[str, float] = {}
-    run_start = time.time()
-    step = start_step
-    try:
-        while step < schedule.total_steps:
-            if preemption.should_stop(manager, step):
-                if last_checkpoint != step:  # a step is saved once; orbax refuses a second save
-                    checkpoint.save(manager, step, state, config)
-                manager.wait_until_finished()
-                progress.write(f'Preempted: saved a checkpoint at step {step}; run the same '
-                               'command to resume.')
-                return {'step': step, 'preempted': True}
-            profiler.before_step(step)
-            state, step_metrics = train_step(state, next(batches))
-            window.append(step_metrics)
-            step += 1
-            profiler.after_step(step)
 
-            eval_due = schedule.is_due(step, schedule.eval_every)
-            checkpoint_due = schedule.is_due(step, schedule.checkpoint_every)
-            if schedule.is_due(step, schedule.log_every) or eval_due or checkpoint_due:
-                train_summary = _mean_metrics(window)  # waits for the window's last step
-                elapsed = time.time() - window_start
-                train_summary['images_per_sec'] = len(window) * config.batch_size / elapsed
-                if info.num_skipped_examples is not None:
-                    train_summary['skipped_images'] = info.num_skipped_examples
-                if config.halt_on_nan:
-                    _check_finite(train_summary, step, last_checkpoint)
-                writer.write(step, 'train', train_summary)
-                progress.update(step, train_summary)
-                window, window_start = [], time.time()
-            if eval_due:
-                eval_metrics = _evaluate_all(eval_fn, state, config, mesh, use_ema)
-                writer.write(step, 'eval', eval_metrics)
-                progress.write(_format_eval(step, eval_metrics))
-            if eval_due or checkpoint_due:
-                checkpoint.save(manager, step, state, config,
-                                metrics={'top1': eval_metrics['top1']} if eval_due else None)
-                last_checkpoint = step
-                window_start = time.time()  # do not charge eval/checkpoint time to the step
-    finally:
-        manager.wait_until_finished()
-        preemption.close()
-        progress.close()
-        writer.close()
-        profiler.close()
+def _loop(run: _Run) -> bool:
+    """Steps to the end of the schedule. Returns True if stopped early by a preemption."""
+    schedule = run.schedule
+    batches = _train_batches(run.config, run.step, run.mesh)
+    run.window_start = run.run_start = time.time()
+    while run.step < schedule.total_steps:
+        if run.preemption.should_stop(run.manager, run.step):
+            _save_for_preemption(run)
+            return True
+        run.profiler.before_step(run.step)
+        run.state, step_metrics = run.train_step(run.state, next(batches))
+        run.window.append(step_metrics)
+        run.step += 1
+        run.profiler.after_step(run.step)
 
+        eval_due = schedule.is_due(run.step, schedule.eval_every)
+        checkpoint_due = schedule.is_due(run.step, schedule.checkpoint_every)
+        if schedule.is_due(run.step, schedule.log_every) or eval_due or checkpoint_due:
+            _log_window(run)
+        if eval_due:
+            _evaluate_and_log(run)
+        if eval_due or checkpoint_due:
+            _save_checkpoint(run, with_eval=eval_due)
+    return False
+
+
+def _log_window(run: _Run) -> None:
+    """Averages the logging window's step metrics (one host sync), checks and writes them."""
+    summary = _mean_metrics(run.window)  # waits for the window's last step
+    elapsed = time.time() - run.window_start
+    summary['images_per_sec'] = len(run.window) * run.config.batch_size / elapsed
+    if run.info.num_skipped_examples is not None:
+        summary['skipped_images'] = run.info.num_skipped_examples
+    if run.config.halt_on_nan:
+        _check_finite(summary, run.step, run.last_checkpoint)
+    run.writer.write(run.step, 'train', summary)
+    run.progress.update(run.step, summary)
+    run.train_summary = summary
+    run.window, run.window_start = [], time.time()
+
+
+def _evaluate_and_log(run: _Run) -> None:
+    run.eval_metrics = _evaluate_all(run.eval_fn, run.state, run.config, run.mesh, run.use_ema)
+    run.writer.write(run.step, 'eval', run.eval_metrics)
+    run.progress.write(_format_eval(run.step, run.eval_metrics))
+
+
+def _save_checkpoint(run: _Run, with_eval: bool) -> None:
+    metrics = {'top1': run.eval_metrics['top1']} if with_eval else None
+    checkpoint.save(run.manager, run.step, run.state, run.config, metrics=metrics)
+    run.last_checkpoint = run.step
+    run.window_start = time.time()  # do not charge eval/checkpoint time to the step
+
+
+def _save_for_preemption(run: _Run) -> None:
+    if run.last_checkpoint != run.step:  # a step is saved once; orbax refuses a second save
+        checkpoint.save(run.manager, run.step, run.state, run.config)
+    run.manager.wait_until_finished()
+    run.progress.write(f'Preempted: saved a checkpoint at step {run.step}; run the same '
+                       'command to resume.')
+
+
+def _close(run: _Run) -> None:
+    run.manager.wait_until_finished()
+    run.preemption.close()
+    run.progress.close()
+    run.writer.close()
+    run.profiler.close()
+
+
+def _final_summary(run: _Run) -> dict[str, Any]:
     summary = {
-        'step': step,
-        **{f'eval_{k}': v for k, v in eval_metrics.items()},
-        'train_loss': train_summary.get('loss'),
-        'wall_time_sec': time.time() - run_start,
+        'step': run.step,
+        **{f'eval_{k}': v for k, v in run.eval_metrics.items()},
+        'train_loss': run.train_summary.get('loss'),
+        'wall_time_sec': time.time() - run.run_start,
     }
-    if is_main:
+    if jax.process_index() == 0:
         print('Done: ' + ', '.join(f'{k}={_short(v)}' for k, v in summary.items()), flush=True)
     return summary
 
