@@ -115,10 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_crop = ''  # '' | 'center' | 'resize'
     data.eval_crop_fraction = 0.875
     # 'torchvision' evaluates as torchvision's ImageNet transforms do: accurate JPEG decoding,
-    # antialiased bilinear resize of the short side to image_size / eval_crop_fraction (256),
-    # centre crop image_size (224), with PIL's rounding. '' = 'torchvision' for weights
-    # converted from PyTorch (eval.py reads it from the checkpoint), else 'native': the
-    # eval_crop recipe above.
+    # antialiased bilinear resize of the short side to eval size / eval_crop_fraction (256),
+    # centre crop of the eval size (224), with PIL's rounding (tf and grain loaders; exact on the
+    # original files, not on a prepared store's re-encoded copies). '' = 'torchvision' for
+    # weights converted from PyTorch (eval.py reads it from the checkpoint), else 'native':
+    # the eval_crop recipe above.
     data.eval_preset = ''  # '' | 'native' | 'torchvision'
 
     # Throughput and memory. Cores and buffers are shared among the processes on a host
