@@ -30,6 +30,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from resnet_flax import data, evaluate, models, optim, sharding, steps, summary, train
+from resnet_flax.device_augment import AugmentConfig
 from resnet_flax.state import TrainState, abstract_state, create_train_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +156,8 @@ def setup_eval(config: ml_collections.ConfigDict) -> Setup:
     host_batch = next(data.eval_batches(
         config.data, global_batch_size=config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count()))
-    eval_fn = evaluate.make_eval_fn(setup.model, setup.mesh)
+    eval_fn = evaluate.make_eval_fn(setup.model, setup.mesh,
+                                   AugmentConfig.from_config(config))
     return dataclasses.replace(setup, step_fn=eval_fn,
                                batch=sharding.put_batch(host_batch, setup.mesh))
 

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 
 from resnet_flax import data, evaluate, models, predict, sharding, weights
+from resnet_flax.device_augment import AugmentConfig
 from resnet_flax.state import init_variables
 
 PyTree = Any
@@ -71,8 +72,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
     config = with_eval_preset(config, ckpt)
     mesh = sharding.create_mesh()
     model, variables = restore_model(config, ckpt, info.image_shape, mesh, use_ema)
-    results = evaluate.evaluate(evaluate.make_eval_fn(model, mesh), variables, config, mesh,
-                                split)
+    eval_fn = evaluate.make_eval_fn(model, mesh, AugmentConfig.from_config(config))
+    results = evaluate.evaluate(eval_fn, variables, config, mesh, split)
     return {**results, 'step': ckpt.step, 'split': split or config.data.eval_split,
             'ema': use_ema, 'checkpoint': str(ckpt.directory)}
 

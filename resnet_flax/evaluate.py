@@ -13,14 +13,19 @@ import ml_collections
 from jax.sharding import Mesh
 
 from resnet_flax import data, sharding, steps
+from resnet_flax.device_augment import AugmentConfig
 
 PyTree = Any
 
 
-def make_eval_fn(model: nn.Module, mesh: Mesh) -> Callable[[PyTree, dict], dict]:
-    """The jitted eval step: replicated variables, a batch sharded over the data axis."""
+def make_eval_fn(model: nn.Module, mesh: Mesh,
+                 augment: AugmentConfig) -> Callable[[PyTree, dict], dict]:
+    """The jitted eval step: replicated variables, a batch sharded over the data axis.
+
+    `augment` gives the normalisation (e.g. `AugmentConfig.from_config(config)`).
+    """
     return jax.jit(
-        functools.partial(steps.eval_step, model=model),
+        functools.partial(steps.eval_step, model=model, augment=augment),
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

@@ -3,8 +3,9 @@
     model, variables = ...  # e.g. from eval_checkpoint.restore_for_prediction
     for p in predict.predict_files(model, variables, ['cat.jpg'], config.data): print(p)
 
-Images go through the config's EVAL preprocessing (`data/single_image.py`), the model runs in
-eval mode, and the probabilities are the softmax of the logits.
+Images go through the config's EVAL preprocessing (`data/single_image.py`, uint8) and its
+normalisation (`device_augment`, as the eval step applies it), the model runs in eval mode,
+and the probabilities are the softmax of the logits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from resnet_flax import device_augment
 from resnet_flax.data import single_image
 
 PyTree = Any
@@ -60,7 +62,12 @@ def predict_files(model: nn.Module, variables: PyTree, paths: Sequence[str], dat
                   k: int = 5) -> list[Prediction]:
     """The top-`k` classes of each image file under `model` with `variables`."""
     images = np.stack([single_image.load_eval_image(path, data_cfg) for path in paths])
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    augment = device_augment.AugmentConfig.normalization_only(data_cfg)
+
+    def forward(v, x):
+        return model.apply(v, device_augment.normalize(x, augment), train=False)
+
+    logits = jax.jit(forward)(variables, images)
     probabilities = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
     names = class_names(data_cfg, probabilities.shape[-1])
     predictions = []

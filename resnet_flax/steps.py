@@ -1,4 +1,8 @@
-"""Pure train and eval steps. No I/O and no host syncs: the loop jits these and drives them."""
+"""Pure train and eval steps. No I/O and no host syncs: the loop jits these and drives them.
+
+Batches arrive as uint8 images and int32 labels; each step first applies the device part of
+the input recipe (`device_augment`: normalisation, and for training flips and Mixup/CutMix).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from resnet_flax import precision
+from resnet_flax import device_augment, precision
+from resnet_flax.device_augment import AugmentConfig
 from resnet_flax.state import TrainState
 
 PyTree = Any
@@ -28,6 +33,7 @@ class StepConfig:
     ema_decay: float = 0.0
     log_block_grad_norms: bool = False
     debug_nan_at_step: int = -1  # tests only: poison the loss at this step
+    augment: AugmentConfig = AugmentConfig()  # normalisation, flips, Mixup/CutMix
 
     @classmethod
     def from_config(cls, config) -> StepConfig:
@@ -38,6 +44,7 @@ class StepConfig:
             ema_decay=config.ema_decay,
             log_block_grad_norms=config.log_block_grad_norms,
             debug_nan_at_step=config.debug_nan_at_step,
+            augment=AugmentConfig.from_config(config),
         )
 
 
@@ -129,6 +136,7 @@ def train_step(
     poison = jnp.where(state.step == cfg.debug_nan_at_step, jnp.nan, 1.0)
     scaler = state.loss_scale  # float16 compute only: the loss is scaled, the gradients unscaled
     multiplier = poison if scaler is None else poison * scaler.scale
+    batch = device_augment.train_batch(batch, state.step, cfg.augment)
     loss, top1, batch_stats, grads = _gradients(
         model, state.params, state.batch_stats, batch, cfg, batch_sharding, multiplier
     )
@@ -181,9 +189,11 @@ def _skip_if_not_finite(state: TrainState, new_state: TrainState, grads,
     return new_state, metrics
 
 
-def eval_step(variables: PyTree, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(variables: PyTree, batch: Batch, *, model: nn.Module,
+              augment: AugmentConfig) -> dict[str, jax.Array]:
     """Sums over the real (unmasked) examples of one batch; the loop adds them up."""
-    logits = model.apply(variables, batch['image'], train=False)
+    logits = model.apply(variables, device_augment.eval_batch(batch, augment)['image'],
+                         train=False)
     mask = batch['mask'].astype(jnp.float32)
     return {
         'loss': jnp.sum(cross_entropy(logits, batch['label'], 0.0) * mask),

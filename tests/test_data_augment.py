@@ -115,23 +115,3 @@ def test_pad_crop_is_a_shift_of_the_zero_padded_image(smooth_image):
         assert found
         offsets.add(found[0])
     assert len(offsets) > 10
-
-
-@pytest.mark.parametrize('mix', [{'mixup_alpha': 0.4}, {'cutmix_alpha': 1.0}])
-def test_tf_mixing_pairs_each_example_with_the_reversed_batch(mix):
-    cfg = configs.base.get_config().data
-    cfg.update(mix)
-    images = tf.constant(np.random.default_rng(1).random((6, 8, 8, 3)), tf.float32)
-    labels = tf.constant([0, 1, 2, 3, 4, 5])
-    mixed, soft = augment.mix_batch(images, labels, tf.constant([5, 9], tf.int64), cfg, 6)
-    mixed, soft, images = mixed.numpy(), soft.numpy(), images.numpy()
-    np.testing.assert_allclose(soft.sum(axis=1), 1, rtol=1e-6)
-    lam = soft[0, 0]
-    one_hot = np.eye(6, dtype=np.float32)
-    np.testing.assert_allclose(soft, lam * one_hot + (1 - lam) * one_hot[::-1], atol=1e-6)
-    if 'mixup_alpha' in mix:
-        np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], atol=1e-6)
-    else:
-        from_partner = np.all(mixed == images[::-1], axis=(0, 3))  # [H, W]
-        assert np.all((mixed == images) | (mixed == images[::-1]))
-        assert abs(from_partner.mean() - (1 - lam)) < 1e-6  # the label weight is the area

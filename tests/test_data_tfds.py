@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import configs.base
-from resnet_flax import data
+from resnet_flax import data, device_augment
 from resnet_flax.data import info as info_lib
 from tests.imagenet_fixture import make_imagenet
 
@@ -16,7 +16,6 @@ tfds = pytest.importorskip('tensorflow_datasets')
 
 NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 4, 2
 NUM_TRAIN, NUM_VAL = NUM_CLASSES * TRAIN_PER_CLASS, NUM_CLASSES * VAL_PER_CLASS
-IDENTITY = {'mean_rgb': (0.0,) * 3, 'std_rgb': (1.0,) * 3}  # images come out as x / 255
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +43,7 @@ def train(cfg, n, **kwargs):
 
 def fingerprints(images):
     """One hashable key per image, for set comparisons."""
-    return [bytes(np.round(image * 255).astype(np.uint8)) for image in images]
+    return [bytes(image) for image in images]
 
 
 def test_imagenet_info_from_the_real_builder(imagenet_dir):
@@ -62,7 +61,7 @@ def test_imagenet_train_batches_shapes_dtypes_and_labels(imagenet_dir):
     expected = sorted(int(ex['label']) for ex in tfds.as_numpy(builder.as_dataset('train')))
     assert sorted(np.concatenate([b['label'] for b in batches]).tolist()) == expected
     for batch in batches:
-        assert batch['image'].shape == (4, 24, 24, 3) and batch['image'].dtype == np.float32
+        assert batch['image'].shape == (4, 24, 24, 3) and batch['image'].dtype == np.uint8
         assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
 
 
@@ -70,9 +69,10 @@ def test_imagenet_eval_is_the_centre_crop_of_each_validation_image(imagenet_dir)
     """Compared with PIL: decode, centre square of 0.875 of the short side, resize."""
     from PIL import Image
 
-    cfg = imagenet_config(imagenet_dir, **IDENTITY)
+    cfg = imagenet_config(imagenet_dir)
     batches = list(data.eval_batches(cfg, global_batch_size=4))
-    ours = np.concatenate([b['image'][b['mask']] for b in batches]) * 255
+    assert all(b['image'].dtype == np.uint8 for b in batches)
+    ours = np.concatenate([b['image'][b['mask']] for b in batches]).astype(np.float32)
     builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
     examples = builder.as_dataset('validation', decoders={'image': tfds.decode.SkipDecoding()})
     for image, example in zip(ours, tfds.as_numpy(examples), strict=True):
@@ -85,13 +85,23 @@ def test_imagenet_eval_is_the_centre_crop_of_each_validation_image(imagenet_dir)
         assert np.abs(image - np.asarray(reference, np.float32)).mean() < 4
 
 
-def test_imagenet_default_normalisation_is_imagenet_statistics(imagenet_dir):
-    plain = np.concatenate([b['image'] for b in data.eval_batches(
-        imagenet_config(imagenet_dir, **IDENTITY), global_batch_size=6)])
-    normalised = np.concatenate([b['image'] for b in data.eval_batches(
-        imagenet_config(imagenet_dir), global_batch_size=6)])
+def test_imagenet_eval_transform_is_the_old_host_one_up_to_uint8_rounding(imagenet_dir):
+    """The old pipeline normalised the float resize on the host; now the resize is rounded to
+    uint8 (as PIL and torchvision do) and normalised with ImageNet statistics on the device."""
+    from resnet_flax.data import preprocess
+
+    cfg = imagenet_config(imagenet_dir)
+    batch = next(data.eval_batches(cfg, global_batch_size=6))
+    device = np.asarray(device_augment.normalize(
+        batch['image'], device_augment.AugmentConfig.normalization_only(cfg)))
+    builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
+    examples = builder.as_dataset('validation', decoders={'image': tfds.decode.SkipDecoding()})
     mean, std = np.array(info_lib.IMAGENET_MEAN), np.array(info_lib.IMAGENET_STD)
-    np.testing.assert_allclose(normalised, (plain - mean) / std, atol=1e-5)
+    for ours, example in zip(device, tfds.as_numpy(examples), strict=True):
+        old_float = preprocess.center_crop(
+            example['image'], 24, crop_fraction=0.875, method='bilinear', antialias=False)
+        old = (old_float.numpy() / 255 - mean) / std  # the old host normalisation
+        assert np.abs(ours - old).max() <= 0.5 / 255 / std.min() + 1e-5
 
 
 def test_same_seed_same_order_other_seed_differs(imagenet_dir):
@@ -151,7 +161,7 @@ def test_train_shares_are_disjoint_and_cover_the_split(imagenet_dir, process_cou
 @pytest.mark.parametrize('process_count, global_batch', [(1, 4), (2, 4), (3, 3), (3, 6)])
 def test_eval_counts_each_example_once_across_processes(imagenet_dir, process_count,
                                                         global_batch):
-    cfg = imagenet_config(imagenet_dir, **IDENTITY)
+    cfg = imagenet_config(imagenet_dir)
     single = np.concatenate([b['image'] for b in data.eval_batches(cfg, global_batch_size=6)])
     per_process = [list(data.eval_batches(cfg, global_batch_size=global_batch, process_index=p,
                                           process_count=process_count))
@@ -221,26 +231,30 @@ def _crop(padded, y, x, flip):
     return crop[:, ::-1] if flip else crop
 
 
-def test_cifar_train_is_a_pad4_crop_and_flip_of_an_original(mock_cifar):
-    batches = train(cifar_config(**IDENTITY), 2, global_batch_size=8)
+def test_cifar_train_is_a_pad4_crop_of_an_original(mock_cifar):
+    batches = train(cifar_config(), 2, global_batch_size=8)
     originals = [np.pad(image, ((4, 4), (4, 4), (0, 0))) for image in mock_cifar]
-    shifts_seen, flips_seen = set(), 0
-    for image in np.concatenate([b['image'] for b in batches]):
-        pixels = np.round(image * 255).astype(np.uint8)
-        matches = [(y, x, flip) for padded in originals for y in range(9) for x in range(9)
-                   for flip in (False, True)
-                   if np.array_equal(pixels, _crop(padded, y, x, flip))]
-        assert matches, 'not a padded crop (or its mirror) of any example'
-        shifts_seen.add(matches[0][:2])
-        flips_seen += matches[0][2]
-    assert len(shifts_seen) > 1 and 0 < flips_seen < 16
+    shifts_seen = set()
+    for pixels in np.concatenate([b['image'] for b in batches]):
+        # Never mirrored on the host: the random flip happens on the device.
+        matches = [(y, x) for padded in originals for y in range(9) for x in range(9)
+                   if np.array_equal(pixels, padded[y:y + 32, x:x + 32])]
+        assert matches, 'not a padded crop of any example'
+        shifts_seen.add(matches[0])
+    assert len(shifts_seen) > 1
 
 
-def test_cifar_eval_is_the_unchanged_image_with_cifar_statistics(mock_cifar):
-    batch = next(data.eval_batches(cifar_config(), global_batch_size=20))
-    mean, std = np.array(info_lib.CIFAR10_MEAN), np.array(info_lib.CIFAR10_STD)
-    np.testing.assert_allclose(batch['image'], (mock_cifar / 255 - mean) / std, atol=1e-5)
+def test_cifar_eval_is_the_unchanged_image_normalised_exactly_as_before(mock_cifar):
+    cfg = cifar_config()
+    batch = next(data.eval_batches(cfg, global_batch_size=20))
+    np.testing.assert_array_equal(batch['image'], mock_cifar)  # no resize: uint8 is lossless
     assert batch['mask'].all()
+    augment = device_augment.AugmentConfig.normalization_only(cfg)
+    assert augment.mean_rgb == pytest.approx(info_lib.CIFAR10_MEAN)
+    mean, std = np.array(info_lib.CIFAR10_MEAN), np.array(info_lib.CIFAR10_STD)
+    old = ((mock_cifar / 255 - mean) / std).astype(np.float32)  # the old host normalisation
+    new = np.asarray(device_augment.normalize(batch['image'], augment))
+    assert np.abs(new - old).max() < 1e-5
 
 
 def test_an_epoch_with_fewer_batches_than_expected_ends_cleanly():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from resnet_flax import checkpoint, data, evaluate, models, optim, sharding, steps, train
+from resnet_flax.device_augment import AugmentConfig
 from resnet_flax.state import abstract_state, create_train_state
 from tests.tiny import (
     REPO,
@@ -95,15 +96,18 @@ def test_eval_counts_every_example_when_batches_do_not_divide_the_split(tmp_path
     model = models.from_config(config.model)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32),
                            train=False)
-    result = evaluate.evaluate(evaluate.make_eval_fn(model, mesh), variables, config, mesh)
+    eval_fn = evaluate.make_eval_fn(model, mesh, AugmentConfig.from_config(config))
+    result = evaluate.evaluate(eval_fn, variables, config, mesh)
     assert result['num_examples'] == 360
-    # Same numbers from a plain, unbatched numpy pass over the split.
+    # Same numbers from a plain, unbatched numpy pass over the split, normalised on the host.
+    mean, std = data.normalization(config.data)
     images, labels = [], []
     for batch in data.eval_batches(config.data, global_batch_size=360, process_index=0,
                                    process_count=1):
         images.append(batch['image'][batch['mask']])
         labels.append(batch['label'][batch['mask']])
-    logits = model.apply(variables, np.concatenate(images), train=False)
+    normalised = (np.concatenate(images) / 255 - mean) / std
+    logits = model.apply(variables, normalised.astype(np.float32), train=False)
     top1 = float(np.mean(np.argmax(logits, -1) == np.concatenate(labels)))
     assert result['top1'] == pytest.approx(top1, abs=1e-6)
 
@@ -164,8 +168,9 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
         cfg=steps.StepConfig(grad_accum_steps=2), batch_sharding=sharding.batch_sharding(mesh))
 
     def loss_fn(params, micro):
+        images = micro['image'] / 255.0  # the default StepConfig normalises with (0, 1)
         logits, _ = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                micro['image'], train=True, mutable=['batch_stats'])
+                                images, train=True, mutable=['batch_stats'])
         return steps.cross_entropy(logits, micro['label'], 0.0).mean()
 
     micro_batches = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]

@@ -7,10 +7,15 @@
                               process_index=0, process_count=1): ...
 
 Batches are dicts of numpy arrays holding this process's slice of the global batch:
-'image' float32 [B_local, H, W, 3] normalised, 'label' int32 [B_local] (float32
-[B_local, num_classes] with mixup/cutmix), and for eval 'mask' bool [B_local].
+'image' uint8 [B_local, H, W, 3] in 0..255, already at the train (or eval) size, 'label'
+int32 [B_local], and for eval 'mask' bool [B_local] (False marks padding).
 B_local = global_batch_size // process_count. The train order is a pure function of
 (seed, epoch, process); `start_step` resumes without decoding the skipped batches.
+
+The host does what needs the image's geometry in uint8 (decode, Inception or pad crop,
+resize, RandAugment). Casting, normalisation (`normalization(data_cfg)`), the random flip
+(`random_flip(data_cfg)`) and Mixup/CutMix run on the device, inside the jitted step
+(`resnet_flax/device_augment.py`): a quarter of the bytes of float32 cross to the device.
 
 TensorFlow is imported only by the tf.data sources (TFDS and image folders with
 data.loader='tf'); the grain loader (grain_source.py) and DALI need none.
@@ -25,7 +30,8 @@ import numpy as np
 from resnet_flax.data import info as info_lib
 from resnet_flax.data.info import DatasetInfo
 
-__all__ = ['DatasetInfo', 'eval_batches', 'get_info', 'train_batches']
+__all__ = ['DatasetInfo', 'eval_batches', 'get_info', 'normalization', 'random_flip',
+           'train_batches']
 
 Batch = dict[str, np.ndarray]
 
@@ -73,6 +79,20 @@ def get_info(data_cfg) -> DatasetInfo:
     """Sizes, classes and image shape; validates the config and fails early if data is missing."""
     info_lib.validate(data_cfg)
     return _source(data_cfg).get_info(data_cfg)
+
+
+def normalization(data_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 [3] in [0, 1] pixel units: the config's, or the data set's own."""
+    if data_cfg.dataset == 'digits':
+        from resnet_flax.data import digits
+
+        return digits.normalization(data_cfg)
+    return info_lib.normalization(data_cfg, *info_lib.default_statistics(data_cfg.dataset))
+
+
+def random_flip(data_cfg) -> bool:
+    """Whether training mirrors images; never for digits (a flipped digit is no digit)."""
+    return bool(data_cfg.random_flip) and data_cfg.dataset != 'digits'
 
 
 def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,

@@ -1,4 +1,4 @@
-"""Stronger augmentation in TensorFlow: RandAugment, TrivialAugment, and batch Mixup/CutMix.
+"""Stronger augmentation in TensorFlow: RandAugment and TrivialAugment on uint8 images.
 
 RandAugment (Cubuk et al. 2020) applies `num_ops` ops drawn uniformly from the 14 below, all
 at one magnitude m in [0, 30] (the paper's scale; ResNet-50 on ImageNet uses 2 ops at 9).
@@ -7,7 +7,8 @@ TrivialAugment (Mueller & Hutter 2021) applies one op at a magnitude drawn unifo
 1 +- 0.9, posterize to 4 bits, solarize at threshold 0. Geometric ops fill with grey (128).
 Every draw is a stateless op keyed by the example's seed.
 
-Images are uint8 [H, W, 3] in and out. TensorFlow sources import this module lazily.
+Images are uint8 [H, W, 3] in and out. Mixup and CutMix run on the device
+(`resnet_flax/device_augment.py`). TensorFlow sources import this module lazily.
 """
 
 from __future__ import annotations
@@ -170,52 +171,3 @@ def apply(image: tf.Tensor, seed: tf.Tensor, data_cfg) -> tf.Tensor:
     if data_cfg.auto_augment == 'trivialaugment':
         return trivialaugment(image, seed)
     return image
-
-
-def mix_batch(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, data_cfg,
-              num_classes: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Mixup or CutMix of a batch with its reverse; the numpy twin is data/mixing.py."""
-    one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
-    choice_seed, lam_seed, box_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    use_cutmix = data_cfg.cutmix_alpha > 0 and data_cfg.mixup_alpha <= 0
-    if data_cfg.cutmix_alpha > 0 and data_cfg.mixup_alpha > 0:
-        use_cutmix = tf.random.stateless_uniform([], choice_seed) < data_cfg.cutmix_prob
-
-    def mixup():
-        lam = _beta(lam_seed, data_cfg.mixup_alpha)
-        return lam * images + (1 - lam) * images[::-1], lam
-
-    def cutmix():
-        return _cutmix(images, _beta(lam_seed, data_cfg.cutmix_alpha), box_seed)
-
-    if isinstance(use_cutmix, bool):
-        mixed, lam = cutmix() if use_cutmix else mixup()
-    else:
-        mixed, lam = tf.cond(use_cutmix, cutmix, mixup)
-    return mixed, lam * one_hot + (1 - lam) * one_hot[::-1]
-
-
-def _beta(seed: tf.Tensor, alpha: float) -> tf.Tensor:
-    first, second = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    a = tf.random.stateless_gamma([], first, alpha=alpha)
-    b = tf.random.stateless_gamma([], second, alpha=alpha)
-    return a / (a + b)
-
-
-def _cutmix(images: tf.Tensor, lam: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    height, width = tf.shape(images)[1], tf.shape(images)[2]
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    cut_h = tf.cast(h * tf.sqrt(1 - lam), tf.int32)
-    cut_w = tf.cast(w * tf.sqrt(1 - lam), tf.int32)
-    centre = tf.random.stateless_uniform([2], seed, 0, 2**30, dtype=tf.int32) % tf.stack(
-        [height, width])
-    top = tf.clip_by_value(centre[0] - cut_h // 2, 0, height)
-    bottom = tf.clip_by_value(centre[0] + cut_h // 2, 0, height)
-    left = tf.clip_by_value(centre[1] - cut_w // 2, 0, width)
-    right = tf.clip_by_value(centre[1] + cut_w // 2, 0, width)
-    rows = tf.range(height)[:, None]
-    cols = tf.range(width)[None, :]
-    box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-    mixed = tf.where(box[None, :, :, None], images[::-1], images)
-    kept = 1 - tf.cast((bottom - top) * (right - left), tf.float32) / (h * w)
-    return mixed, kept

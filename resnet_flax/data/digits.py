@@ -1,11 +1,12 @@
 """scikit-learn's handwritten digits: 1,797 8x8 grayscale images, 10 classes, values 0..16.
 
 The split is fixed: the first 1,437 images train, the last 360 test (the order of the file,
-no shuffle, so it is the same everywhere). Images are scaled to [0, 1], upsampled bilinearly
-to `data.image_size` and replicated to 3 channels so every model applies unchanged. Default
-normalisation: the pixel mean and std of the upsampled train split. Optional augmentation
-(`data.train_crop='pad'`): zero-pad `data.crop_padding` pixels and crop back, i.e. a random
-shift. Digits are never flipped.
+no shuffle, so it is the same everywhere). Images (ink 0..16) are scaled to [0, 1], upsampled
+bilinearly to `data.image_size`, rounded to uint8 0..255 (16 ink -> 255) and replicated to 3
+channels so every model applies unchanged. Default normalisation (on the device): the pixel
+mean and std of the upsampled train split. Optional augmentation (`data.train_crop='pad'`):
+zero-pad `data.crop_padding` pixels and crop back, i.e. a random shift. Digits are never
+flipped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 
 import numpy as np
 
-from resnet_flax.data import in_memory, mixing
+from resnet_flax.data import in_memory
 from resnet_flax.data import info as info_lib
 
 NUM_TRAIN = 1437
@@ -54,6 +55,11 @@ def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
     return matrix
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8 0..255, rounded to the nearest level."""
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _shift(images: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
     """Zero-pad then crop back at a random offset: a shift of up to `padding` pixels."""
     n, size, _ = images.shape
@@ -68,6 +74,12 @@ def _train_statistics(size: int) -> tuple[float, float]:
     matrix = _resize_matrix(8, size)
     big = np.einsum('hi,nij,wj->nhw', matrix, _split('train')[0], matrix)
     return float(big.mean()), float(big.std())
+
+
+def normalization(data_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) [3]: the config's, or the upsampled train split's own."""
+    train_mean, train_std = _train_statistics(int(data_cfg.image_size))
+    return info_lib.normalization(data_cfg, [train_mean] * 3, [train_std] * 3)
 
 
 def _train_crop(data_cfg) -> str:
@@ -93,16 +105,13 @@ def get_info(data_cfg) -> info_lib.DatasetInfo:
 def _make_batch_fn(data_cfg, split: str, train: bool) -> in_memory.MakeBatch:
     images, labels = _split(split)
     matrix = _resize_matrix(images.shape[1], int(data_cfg.image_size))
-    train_mean, train_std = _train_statistics(int(data_cfg.image_size))
-    mean, std = info_lib.normalization(data_cfg, [train_mean] * 3, [train_std] * 3)
     shift = train and _train_crop(data_cfg) == 'pad' and data_cfg.crop_padding > 0
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        big = np.einsum('hi,nij,wj->nhw', matrix, images[indices], matrix)
+        big = to_uint8(np.einsum('hi,nij,wj->nhw', matrix, images[indices], matrix))
         if shift:
             big = _shift(big, int(data_cfg.crop_padding), rng)
-        rgb = np.repeat(big[..., None], info_lib.CHANNELS, axis=-1)
-        return {'image': ((rgb - mean) / std).astype(np.float32),
+        return {'image': np.repeat(big[..., None], info_lib.CHANNELS, axis=-1),
                 'label': labels[indices].copy()}
 
     return make_batch
@@ -111,12 +120,10 @@ def _make_batch_fn(data_cfg, split: str, train: bool) -> in_memory.MakeBatch:
 def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
                   process_index: int, process_count: int):
     make_batch = _make_batch_fn(data_cfg, data_cfg.train_split, train=True)
-    batches = in_memory.train_batches(
+    return in_memory.train_batches(
         make_batch, len(_split(data_cfg.train_split)[1]), global_batch_size=global_batch_size,
         seed=seed, start_step=start_step, process_index=process_index,
         process_count=process_count)
-    for step, batch in enumerate(batches, start=start_step):
-        yield mixing.maybe_mix(batch, data_cfg, NUM_CLASSES, seed, step, process_index)
 
 
 def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,

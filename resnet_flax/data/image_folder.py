@@ -227,7 +227,6 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
     tf = tf_pipeline.tf
 
     split = _split(data_cfg, data_cfg.train_split)
-    num_classes = len(index(data_cfg).classes)
     total, local = len(split.paths), info_lib.local_batch_size(global_batch_size, process_count)
     steps_per_epoch = total // global_batch_size
     if steps_per_epoch < 1:
@@ -236,8 +235,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
             f'({total} images); lower batch_size.'
         )
     crop, _ = _recipes(data_cfg)
-    mean, std = info_lib.normalization(data_cfg, info_lib.IMAGENET_MEAN, info_lib.IMAGENET_STD)
-    example_fn = tf_pipeline.train_example_fn(data_cfg, crop, mean, std)
+    example_fn = tf_pipeline.train_example_fn(data_cfg, crop)
     load = _loader(split)
     order_seed = tf_pipeline.stream_seed(seed, 0x0D)
     augment_seed = tf_pipeline.stream_seed(seed, 0xA6)
@@ -266,9 +264,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_indices)
     ds = ds.map(load_example, num_parallel_calls=tf_pipeline.parallel_calls(data_cfg),
                 deterministic=True)
-    ds = tf_pipeline.batch_train(ds, data_cfg, local_batch=local, num_classes=num_classes,
-                                 mix_stream=tf_pipeline.stream_seed(seed, process_index, 3),
-                                 first_step=start_step)
+    ds = tf_pipeline.batch_train(ds, data_cfg, local_batch=local)
     ds = ds.prefetch(tf_pipeline.prefetch(data_cfg)).with_options(tf_pipeline.options(data_cfg))
     return tf_pipeline.as_numpy(ds)
 
@@ -282,8 +278,7 @@ def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index:
     found = _split(data_cfg, split)
     total, local = len(found.paths), info_lib.local_batch_size(global_batch_size, process_count)
     _, crop = _recipes(data_cfg)
-    mean, std = info_lib.normalization(data_cfg, info_lib.IMAGENET_MEAN, info_lib.IMAGENET_STD)
-    example_fn = tf_pipeline.eval_example_fn(data_cfg, crop, mean, std)
+    example_fn = tf_pipeline.eval_example_fn(data_cfg, crop)
     load = _loader(found)
     num_batches = info_lib.eval_batch_count(total, global_batch_size)
     # Global batch k holds examples [k G, (k + 1) G); this process reads its slice of each.
@@ -293,8 +288,8 @@ def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index:
 
     def load_example(position, valid):
         image, label = example_fn(*load(tf.where(valid, position, 0)))
-        return {'image': tf.where(valid, image, 0.0), 'label': tf.where(valid, label, 0),
-                'mask': valid}
+        return {'image': tf.where(valid, image, tf.zeros_like(image)),
+                'label': tf.where(valid, label, 0), 'mask': valid}
 
     ds = tf.data.Dataset.from_tensor_slices((positions, mask))
     ds = ds.map(load_example, num_parallel_calls=tf_pipeline.parallel_calls(data_cfg),

@@ -17,7 +17,7 @@ import numpy as np
 
 from resnet_flax.data import info as info_lib
 
-# make_batch(indices [B_local], aug_rng) -> {'image': float32 [B_local, H, W, C], 'label': int32}
+# make_batch(indices [B_local], aug_rng) -> {'image': uint8 [B_local, H, W, C], 'label': int32}
 MakeBatch = Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]]
 
 
@@ -66,6 +66,6 @@ def eval_batches(make_batch: MakeBatch, num_examples: int, *, global_batch_size:
         positions = k * global_batch_size + process_index * local + np.arange(local)
         mask = positions < num_examples
         batch = make_batch(np.where(mask, positions, 0), no_augmentation)
-        image = np.where(mask[:, None, None, None], batch['image'], np.float32(0))
+        image = np.where(mask[:, None, None, None], batch['image'], 0).astype(batch['image'].dtype)
         label = np.where(mask, batch['label'], 0).astype(np.int32)
         yield {**batch, 'image': image, 'label': label, 'mask': mask}

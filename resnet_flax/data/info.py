@@ -78,6 +78,21 @@ def normalization(data_cfg, default_mean: Sequence[float],
     return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
+def default_statistics(dataset: str) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) a data set is normalised with by default (digits computes its own).
+
+    CIFAR's for cifar10/100, none for synthetic data, ImageNet's for everything else.
+    """
+    base = dataset.split(':')[0].split('/')[0]  # 'cifar10:3.0.2' -> 'cifar10'
+    if base == 'cifar10':
+        return CIFAR10_MEAN, CIFAR10_STD
+    if base == 'cifar100':
+        return CIFAR100_MEAN, CIFAR100_STD
+    if base == 'synthetic':
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def validate(data_cfg) -> None:
     """Checks the fields every source reads; raises a one-line ValueError naming the field."""
     if not isinstance(data_cfg.dataset, str) or not data_cfg.dataset:

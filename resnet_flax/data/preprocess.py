@@ -1,20 +1,23 @@
-"""Per-example image recipes in TensorFlow: decode, crop, resize, flip, normalise.
+"""Per-example image recipes in TensorFlow: decode, crop, resize, to uint8.
 
 Every random choice is a stateless op keyed by a per-example seed ([2] int64), so an example's
 augmentation is a pure function of (seed, epoch, process, position) and survives a resume.
 
 - ImageNet train (Szegedy et al. 2015): a random crop covering `area_range` of the image with
   aspect ratio in `aspect_range`, decoded fused with the crop (only the window's JPEG blocks are
-  decoded), resized to the train size, random horizontal flip.
+  decoded), resized to the train size.
 - ImageNet eval: the central crop covering `crop_fraction` of the short side, resized to the
   eval size; the same window as "resize the short side to size / crop_fraction, centre-crop
   size" (224 from 256), decoded fused with the crop.
-- CIFAR (He et al. 2016): zero-pad `padding` pixels, random crop back, random flip.
+- CIFAR (He et al. 2016): zero-pad `padding` pixels, random crop back.
 - torchvision's eval (for weights converted from PyTorch): the whole image decoded with the
   accurate integer IDCT (PIL's default; the fast one differs by a few levels), the short side
   resized to `resize_size` with an antialiased bilinear filter (PIL's BILINEAR, which
   torchvision's Resize applies to PIL images), the centre crop at torchvision's offsets, and
   rounded to uint8 as PIL's output is.
+
+The random flip, normalisation and Mixup/CutMix run on the device (`device_augment`); the
+pipelines round resized images to uint8 (as PIL and torchvision do) before batching.
 
 Non-JPEG files (PNG, GIF, BMP) are decoded whole, then cropped. Grayscale is replicated to
 RGB and alpha dropped (channels=3 in every decoder).
@@ -144,14 +147,3 @@ def pad_crop(image: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor:
         return image
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
     return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
-
-
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    return tf.image.stateless_random_flip_left_right(image, seed=seed)
-
-
-def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
-    """0..255 -> (x / 255 - mean) / std, float32, as one multiply-add."""
-    scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
-    offset = tf.constant([-m / s for m, s in zip(mean, std, strict=True)], tf.float32)
-    return tf.cast(image, tf.float32) * scale + offset

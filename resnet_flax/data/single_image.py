@@ -1,17 +1,19 @@
 """One image file through a data set's EVAL preprocessing, for prediction; and class names.
 
-    image = single_image.load_eval_image('cat.jpg', config.data)  # float32 [S, S, 3] normalised
+    image = single_image.load_eval_image('cat.jpg', config.data)  # uint8 [S, S, 3]
     names = single_image.label_names(config.data)
 
 Each source's own recipe is reused, so an image is seen exactly as the eval split sees it:
-- TFDS data sets and image folders: the tf.data eval example function (centre crop or resize,
-  normalisation) of `tf_pipeline`, with the crop and statistics the source would choose.
+- TFDS data sets and image folders: the tf.data eval example function (centre crop or resize)
+  of `tf_pipeline`, with the crop the source would choose.
   A TFDS data set need not be prepared: its builder knows the classes and image size.
 - digits: the image becomes grayscale, is averaged down to the data set's 8x8 and scaled to
   [0, 1] (white = 1: the data set counts ink, so pass bright strokes on a dark background),
-  then upsampled and normalised as the eval split is.
+  then upsampled and rounded to uint8 as the eval split is.
 - synthetic data has no image format: an error.
 
+Images come back uint8, as eval batches do; normalisation is the model side's job
+(`data.normalization` gives the statistics, `device_augment.normalize` applies them).
 Files any PIL format can open are accepted; a file that is not an image is a one-line error.
 TensorFlow is imported only for the TFDS and image-folder sources.
 """
@@ -52,7 +54,7 @@ def read_image_bytes(path: str) -> tuple[bytes, str]:
 
 
 def load_eval_image(path: str, data_cfg) -> np.ndarray:
-    """float32 [image_size, image_size, 3], preprocessed as `data_cfg`'s eval split is."""
+    """uint8 [image_size, image_size, 3], preprocessed as `data_cfg`'s eval split is."""
     info_lib.validate(data_cfg)
     encoded, image_format = read_image_bytes(path)
     if data_cfg.dataset == 'digits':
@@ -64,33 +66,26 @@ def load_eval_image(path: str, data_cfg) -> np.ndarray:
 
     if image_format not in image_folder.TF_FORMATS:
         encoded = image_folder._pil_to_png(encoded)  # as the folder source does for TIFF etc.
-    crop, mean, std = _tf_recipe(data_cfg)
     from resnet_flax.data import tf_pipeline
 
-    example_fn = tf_pipeline.eval_example_fn(data_cfg, crop, mean, std)
+    example_fn = tf_pipeline.eval_example_fn(data_cfg, _eval_crop(data_cfg))
     try:
         image, _ = example_fn(tf_pipeline.tf.constant(encoded), tf_pipeline.tf.constant(0))
     except tf_pipeline.tf.errors.OpError as error:
         raise ValueError(f'{path} could not be decoded ({error.message.splitlines()[0][:120]})'
                          ) from None
-    return np.asarray(image, np.float32)
+    return np.asarray(image, np.uint8)
 
 
-def _tf_recipe(data_cfg) -> tuple[str, np.ndarray, np.ndarray]:
-    """(eval crop, mean, std) as the image-folder or TFDS source chooses them."""
+def _eval_crop(data_cfg) -> str:
+    """The eval crop the image-folder or TFDS source chooses."""
     if data_cfg.dataset == 'image_folder':
         from resnet_flax.data import image_folder
 
-        _, crop = image_folder._recipes(data_cfg)
-        mean, std = info_lib.normalization(data_cfg, info_lib.IMAGENET_MEAN,
-                                           info_lib.IMAGENET_STD)
-        return crop, mean, std
+        return image_folder._recipes(data_cfg)[1]
     from resnet_flax.data import tfds_source
 
-    found = _tfds_builder(data_cfg)
-    _, crop = tfds_source.recipes(data_cfg, found)
-    mean, std = tfds_source.normalization(data_cfg, found)
-    return crop, mean, std
+    return tfds_source.recipes(data_cfg, _tfds_builder(data_cfg))[1]
 
 
 def _tfds_builder(data_cfg):
@@ -113,13 +108,9 @@ def _digits_image(encoded: bytes, data_cfg) -> np.ndarray:
     with Image.open(io.BytesIO(encoded)) as image:
         small = image.convert('L').resize((DIGITS_SIDE, DIGITS_SIDE), Image.Resampling.BOX)
     pixels = np.asarray(small, np.float32) / 255.0
-    size = int(data_cfg.image_size)
-    matrix = digits._resize_matrix(DIGITS_SIDE, size)
-    train_mean, train_std = digits._train_statistics(size)
-    mean, std = info_lib.normalization(data_cfg, [train_mean] * 3, [train_std] * 3)
-    big = matrix @ pixels @ matrix.T
-    rgb = np.repeat(big[..., None], info_lib.CHANNELS, axis=-1)
-    return ((rgb - mean) / std).astype(np.float32)
+    matrix = digits._resize_matrix(DIGITS_SIDE, int(data_cfg.image_size))
+    big = digits.to_uint8(matrix @ pixels @ matrix.T)
+    return np.repeat(big[..., None], info_lib.CHANNELS, axis=-1)
 
 
 def label_names(data_cfg) -> tuple[str, ...]:

@@ -1,6 +1,6 @@
 """Random images and labels of the configured shape, for timing the model without input cost.
 
-Images are standard-normal (already "normalised"), labels uniform over
+Images are uniform random uint8 (normalised on the device like any other), labels uniform over
 `data.synthetic_num_classes`. A block of images is drawn once per (seed, process) and every
 batch reuses it with fresh labels, so producing a batch costs almost nothing. The split sizes
 (`data.synthetic_num_train_examples`, `data.synthetic_num_eval_examples`) only set the epoch
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from resnet_flax.data import in_memory, mixing
+from resnet_flax.data import in_memory
 from resnet_flax.data import info as info_lib
 
 SPLITS = ('train', 'test', 'validation')
@@ -44,8 +44,8 @@ def get_info(data_cfg) -> info_lib.DatasetInfo:
 def _make_batch_fn(data_cfg, seed: int, process_index: int, local: int,
                    split: str) -> in_memory.MakeBatch:
     size = int(data_cfg.image_size)
-    images = info_lib.rng(seed, process_index, SPLITS.index(split)).standard_normal(
-        (local, size, size, info_lib.CHANNELS), dtype=np.float32)
+    images = info_lib.rng(seed, process_index, SPLITS.index(split)).integers(
+        0, 256, (local, size, size, info_lib.CHANNELS), dtype=np.uint8)
     images.flags.writeable = False  # shared by every batch
     num_classes = int(data_cfg.synthetic_num_classes)
 
@@ -61,13 +61,10 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
                   process_index: int, process_count: int):
     local = info_lib.local_batch_size(global_batch_size, process_count)
     make_batch = _make_batch_fn(data_cfg, seed, process_index, local, 'train')
-    batches = in_memory.train_batches(
+    return in_memory.train_batches(
         make_batch, _num_examples(data_cfg, data_cfg.train_split),
         global_batch_size=global_batch_size, seed=seed, start_step=start_step,
         process_index=process_index, process_count=process_count)
-    for step, batch in enumerate(batches, start=start_step):
-        yield mixing.maybe_mix(batch, data_cfg, int(data_cfg.synthetic_num_classes), seed, step,
-                               process_index)
 
 
 def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,

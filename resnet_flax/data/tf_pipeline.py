@@ -63,73 +63,66 @@ def example_seed(stream: int, position: tf.Tensor) -> tf.Tensor:
 
 
 def _resize_to(image: tf.Tensor, size: int, data_cfg) -> tf.Tensor:
-    """float32 [size, size, 3]; images already that size pass through untouched."""
+    """uint8 [size, size, 3]; images already that size pass through untouched."""
     same = tf.reduce_all(tf.shape(image)[:2] == size)
     return tf.cond(
         same,
-        lambda: tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32),
-        lambda: preprocess.resize(image, size, data_cfg.resize_method, data_cfg.antialias))
+        lambda: tf.ensure_shape(image, [None, None, 3]),
+        lambda: preprocess.to_uint8(
+            preprocess.resize(image, size, data_cfg.resize_method, data_cfg.antialias)))
 
 
-def train_example_fn(data_cfg, crop: str, mean, std) -> Callable:
-    """(encoded bytes, label, seed [2]) -> (float32 [S, S, 3] normalised, int32 label)."""
+def train_example_fn(data_cfg, crop: str) -> Callable:
+    """(encoded bytes, label, seed [2]) -> (uint8 [S, S, 3], int32 label).
+
+    Flip, normalisation and Mixup/CutMix happen on the device (`device_augment`).
+    """
     size = int(data_cfg.image_size)
 
     def fn(encoded, label, seed):
-        crop_seed, flip_seed, augment_seed = tf.unstack(
-            tf.random.experimental.stateless_split(seed, 3))
+        crop_seed, _, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         if crop == 'inception':
-            image = preprocess.inception_crop(
+            image = preprocess.to_uint8(preprocess.inception_crop(
                 encoded, crop_seed, size, area_range=tuple(data_cfg.inception_area_range),
                 aspect_range=tuple(data_cfg.inception_aspect_range),
-                method=data_cfg.resize_method, antialias=data_cfg.antialias)
+                method=data_cfg.resize_method, antialias=data_cfg.antialias))
         else:
             image = _resize_to(preprocess.decode(encoded), size, data_cfg)
             if crop == 'pad':
                 image = preprocess.pad_crop(image, crop_seed, int(data_cfg.crop_padding))
         image = tf.ensure_shape(image, [size, size, 3])
-        if data_cfg.random_flip:
-            image = preprocess.random_flip(image, flip_seed)
         if data_cfg.auto_augment:
-            image = augment.apply(preprocess.to_uint8(image), augment_seed, data_cfg)
-        return preprocess.normalize(image, mean, std), tf.cast(label, tf.int32)
+            image = augment.apply(image, augment_seed, data_cfg)
+        return image, tf.cast(label, tf.int32)
 
     # A tf.function traces once; every epoch's pipeline reuses the trace (RandAugment's is slow).
     return tf.function(fn)
 
 
-def eval_example_fn(data_cfg, crop: str, mean, std) -> Callable:
-    """(encoded bytes, label) -> (float32 [S, S, 3] normalised, int32 label); S the eval size."""
+def eval_example_fn(data_cfg, crop: str) -> Callable:
+    """(encoded bytes, label) -> (uint8 [S, S, 3], int32 label), S the eval size; normalised
+    on the device."""
     size = info_lib.eval_image_size(data_cfg)
 
     def fn(encoded, label):
         if data_cfg.eval_preset == 'torchvision':
             resize_size = round(size / float(data_cfg.eval_crop_fraction))
-            image = tf.cast(preprocess.torchvision_center_crop(encoded, size, resize_size),
-                            tf.float32)
+            image = preprocess.torchvision_center_crop(encoded, size, resize_size)
         elif crop == 'center':
-            image = preprocess.center_crop(
+            image = preprocess.to_uint8(preprocess.center_crop(
                 encoded, size, crop_fraction=float(data_cfg.eval_crop_fraction),
-                method=data_cfg.resize_method, antialias=data_cfg.antialias)
+                method=data_cfg.resize_method, antialias=data_cfg.antialias))
         else:
             image = _resize_to(preprocess.decode(encoded), size, data_cfg)
         image = tf.ensure_shape(image, [size, size, 3])
-        return preprocess.normalize(image, mean, std), tf.cast(label, tf.int32)
+        return image, tf.cast(label, tf.int32)
 
     return fn
 
 
-def batch_train(ds: tf.data.Dataset, data_cfg, *, local_batch: int, num_classes: int,
-                mix_stream: int, first_step: int) -> tf.data.Dataset:
-    """Batches (image, label) pairs into dicts; Mixup/CutMix keyed by the global step."""
+def batch_train(ds: tf.data.Dataset, data_cfg, *, local_batch: int) -> tf.data.Dataset:
+    """Batches (image, label) pairs into {'image': uint8, 'label': int32} dicts."""
     ds = ds.batch(local_batch, drop_remainder=True, num_parallel_calls=parallel_calls(data_cfg))
-    if data_cfg.mixup_alpha > 0 or data_cfg.cutmix_alpha > 0:
-        def mix(step, batch):
-            images, labels = augment.mix_batch(
-                batch[0], batch[1], example_seed(mix_stream, step), data_cfg, num_classes)
-            return images, labels
-
-        ds = ds.enumerate(start=first_step).map(mix, num_parallel_calls=parallel_calls(data_cfg))
     return ds.map(lambda image, label: {'image': image, 'label': label})
 
 
@@ -140,7 +133,7 @@ def pad_eval(ds: tf.data.Dataset, data_cfg, *, count: int, num_batches: int,
     ds = ds.map(lambda image, label: (image, label, True))
     total = num_batches * local_batch
     padding = tf.data.Dataset.from_tensors(
-        (tf.zeros([size, size, 3], tf.float32), tf.constant(0, tf.int32), False))
+        (tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int32), False))
     ds = ds.concatenate(padding.repeat(max(total - count, 0))).take(total)
     ds = ds.batch(local_batch)
     return ds.map(lambda image, label, mask: {'image': image, 'label': label, 'mask': mask})

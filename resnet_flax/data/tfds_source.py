@@ -133,15 +133,6 @@ def recipes(data_cfg, builder) -> tuple[str, str]:
     return train, evaluation
 
 
-def normalization(data_cfg, builder):
-    base = builder.name
-    if base == 'cifar10':
-        return info_lib.normalization(data_cfg, info_lib.CIFAR10_MEAN, info_lib.CIFAR10_STD)
-    if base == 'cifar100':
-        return info_lib.normalization(data_cfg, info_lib.CIFAR100_MEAN, info_lib.CIFAR100_STD)
-    return info_lib.normalization(data_cfg, info_lib.IMAGENET_MEAN, info_lib.IMAGENET_STD)
-
-
 def get_info(data_cfg) -> info_lib.DatasetInfo:
     found = builder(data_cfg)
     _, label_key = _keys(found)
@@ -194,9 +185,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         )
     share = _process_split(data_cfg.train_split, process_index, process_count)
     crop, _ = recipes(data_cfg, found)
-    mean, std = normalization(data_cfg, found)
-    example_fn = tf_pipeline.train_example_fn(data_cfg, crop, mean, std)
-    num_classes = int(found.info.features[_keys(found)[1]].num_classes)
+    example_fn = tf_pipeline.train_example_fn(data_cfg, crop)
     cached = _read(data_cfg, found, share, shuffle_seed=None).cache() if data_cfg.cache else None
 
     def make_epoch(epoch: int, skip_batches: int):
@@ -214,10 +203,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
             lambda position, pair: example_fn(
                 pair[0], pair[1], tf_pipeline.example_seed(stream, position)),
             num_parallel_calls=tf_pipeline.parallel_calls(data_cfg), deterministic=True)
-        batches = tf_pipeline.batch_train(
-            examples, data_cfg, local_batch=local, num_classes=num_classes,
-            mix_stream=tf_pipeline.stream_seed(seed, process_index, 3),
-            first_step=epoch * steps_per_epoch + skip_batches)
+        batches = tf_pipeline.batch_train(examples, data_cfg, local_batch=local)
         return batches.prefetch(tf_pipeline.prefetch(data_cfg))
 
     first_epoch, offset = divmod(start_step, steps_per_epoch)
@@ -233,13 +219,12 @@ def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index:
     total = num_examples(found, split)
     share = _process_split(split, process_index, process_count)
     _, crop = recipes(data_cfg, found)
-    mean, std = normalization(data_cfg, found)
     records = _read(data_cfg, found, share, shuffle_seed=None)
     count = int(records.cardinality())
     if count < 0:  # unknown to tf.data: count the raw records (nothing is decoded)
         count = int(records.reduce(tf_pipeline.tf.constant(0, tf_pipeline.tf.int64),
                                    lambda n, *_: n + 1))
-    examples = records.map(tf_pipeline.eval_example_fn(data_cfg, crop, mean, std),
+    examples = records.map(tf_pipeline.eval_example_fn(data_cfg, crop),
                            num_parallel_calls=tf_pipeline.parallel_calls(data_cfg),
                            deterministic=True)
     largest_share = -(-total // process_count)
