@@ -50,8 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     # groups of this many examples ("ghost" BN; the per-device batch gives per-device BN).
     model.bn_group_size = 0
 
-    # ---- Data (resnet_flax/data/). Every source yields float32 NHWC RGB images (grayscale is
-    # replicated, alpha dropped), normalised per channel, and int32 labels.
+    # ---- Data (resnet_flax/data/). Every source yields uint8 NHWC RGB images already at the
+    # train (or eval) size (grayscale replicated, alpha dropped) and int32 labels. The host
+    # decodes, crops, resizes (and RandAugments); the jitted step casts, normalises, flips and
+    # mixes on the device (resnet_flax/device_augment.py): 1/4 of float32's bytes cross over.
     config.data = data = ml_collections.ConfigDict()
     # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', or any TFDS image-classification set),
     # 'image_folder' (data_dir/CLASS/*.jpg, or data_dir/SPLIT/CLASS/*.jpg), 'digits'
@@ -81,9 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     # are skipped and counted instead of failing mid-epoch. False only checks the headers.
     data.verify_images = True
 
-    # Normalisation in [0, 1] pixel units; () = the data set's own: ImageNet's statistics for
-    # imagenet2012, image folders and other TFDS sets, CIFAR's for cifar10/100, the train
-    # split's for digits, none (0, 1) for synthetic.
+    # Normalisation (on the device) in [0, 1] pixel units; () = the data set's own: ImageNet's
+    # statistics for imagenet2012, image folders and other TFDS sets, CIFAR's for cifar10/100,
+    # the train split's for digits, none (0, 1) for synthetic.
     data.mean_rgb = ()
     data.std_rgb = ()
 
@@ -94,7 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.inception_area_range = (0.08, 1.0)  # Szegedy et al. 2015: crop 8%-100% of the area
     data.inception_aspect_range = (3 / 4, 4 / 3)
     data.crop_padding = 4  # 'pad': zero-pad this many pixels, then crop back (He et al. 2016)
-    data.random_flip = True  # horizontal flips (never for digits: a flipped digit is no digit)
+    # Horizontal flips, on the device (never for digits: a flipped digit is no digit).
+    data.random_flip = True
     data.resize_method = 'bilinear'  # tf.image.resize method: 'bilinear' | 'bicubic' | ...
     # Filter when downscaling, as PIL does: ~4x the resize time for no accuracy the flax and
     # TF ResNet recipes (plain bilinear/bicubic) ever missed.
@@ -102,9 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.auto_augment = ''  # '' | 'randaugment' (Cubuk et al. 2020) | 'trivialaugment'
     data.randaugment_num_ops = 2  # ops applied to each image
     data.randaugment_magnitude = 9  # 0..30, the paper's scale (ImageNet ResNet-50: 2 ops, 9)
-    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) mix pairs inside the batch and make
-    # the labels float32 [B, num_classes]. With both > 0 each batch picks one, CutMix with
-    # probability cutmix_prob.
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019), on the device, mix neighbouring
+    # pairs of the global batch and make the labels float32 [B, num_classes]. With both > 0
+    # each batch picks one, CutMix with probability cutmix_prob. Draws depend on
+    # (seed, step, example) only, not on the number of devices.
     data.mixup_alpha = 0.0
     data.cutmix_alpha = 0.0
     data.cutmix_prob = 0.5
