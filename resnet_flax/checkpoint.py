@@ -10,6 +10,7 @@ checkpoint damaged on disk is moved aside instead of silently resuming from wron
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from typing import Any
@@ -200,57 +201,187 @@ def verify_checksums(tree: PyTree, saved: dict[str, list[int]], where: str) -> N
 def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> PyTree:
     """Restores `step` into `target`'s shapes and shardings (any device count).
 
+    Reads with the item handlers directly, not through the manager: the manager's restore ends
+    in a barrier, which a process whose read failed would never reach, and which would then
+    stop every other process. Agreement on what was read is `restore_latest`'s job.
+
     Raises CheckpointMismatchError for a checkpoint of another model, CheckpointCorruptError (or
-    orbax's own read errors) for missing or damaged files.
+    orbax's and the storage's own errors) for missing, damaged or unreachable files.
     """
     where = f'{manager.directory}/{step}'
+    step_dir = epath.Path(manager.directory) / str(step)
     saved = manager.item_metadata(step)['state']
     if saved is None:
         raise CheckpointCorruptError(f'Checkpoint {where} has no readable state metadata.')
     check_compatible(saved, target, where)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                meta=ocp.args.JsonRestore()),
-    )
-    meta = restored['meta']
+    meta = ocp.JsonCheckpointHandler().restore(step_dir / 'meta')
     if not meta:  # save() always writes it: a checkpoint without it lost files
         raise CheckpointCorruptError(f'Checkpoint {where} has no readable meta item.')
+    state = ocp.StandardCheckpointHandler().restore(
+        step_dir / 'state', args=ocp.args.StandardRestore(target))
+    state = _inject_read_fault(step, state)
     if 'checksums' in meta:  # checkpoints written before checksums existed are taken as they are
-        verify_checksums(restored['state'], meta['checksums'], where)
-    return restored['state']
+        verify_checksums(state, meta['checksums'], where)
+    return state
+
+
+# ---- Restoring the newest good checkpoint, agreed by every process.
+
+READ_ATTEMPTS = 5  # reads of one checkpoint before a storage error stops the run
+READ_FIRST_WAIT_SECONDS = 2.0  # then 4, 8, 16 s: a 30 s outage is ridden out
+_READ, _DAMAGED, _UNREACHABLE = 0, 1, 2
+# Status codes (tensorstore, absl) and messages that mean the files themselves are bad.
+_DAMAGE_CODES = ('OUT_OF_RANGE', 'FAILED_PRECONDITION', 'DATA_LOSS', 'NOT_FOUND',
+                 'INVALID_ARGUMENT')
+FAULT_ENV = 'RESNET_FLAX_INJECT_READ_FAULT'
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read for a storage reason, even after retries."""
+
+
+def _inject_read_fault(step: int, state: PyTree) -> PyTree:
+    """Test hook, off unless $RESNET_FLAX_INJECT_READ_FAULT is set in this process.
+
+    'unavailable:N' makes the first N checkpoint reads fail as a dropped connection does;
+    'damaged:N' flips one bit of the first N states read, as a bad read from disk would, so
+    the checksum check finds it. The tests use it to hurt one process of several.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or int(spec.split(':')[1]) <= 0:
+        return state
+    kind, count = spec.split(':')
+    os.environ[FAULT_ENV] = f'{kind}:{int(count) - 1}'
+    if kind == 'unavailable':
+        raise ConnectionResetError(f'injected ({FAULT_ENV}): connection reset reading step {step}')
+    leaves, treedef = jax.tree.flatten(state)
+    i = next(i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating))
+    values = np.asarray(jax.device_get(leaves[i])).copy()  # replicated: every process has all
+    values.reshape(-1).view(np.uint8)[0] ^= 1
+    leaves[i] = jax.make_array_from_callback(values.shape, leaves[i].sharding,
+                                             lambda index: values[index])
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _classify(error: Exception) -> int:
+    """_DAMAGED for files that are bad (quarantine), _UNREACHABLE for anything else (retry)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__cause__)
+    for e in chain:
+        if isinstance(e, (CheckpointCorruptError, FileNotFoundError)):
+            return _DAMAGED
+        if isinstance(e, OSError):  # connection refused, reset, timed out
+            return _UNREACHABLE
+    text = ' '.join(str(e) for e in chain)
+    return _DAMAGED if any(code in text for code in _DAMAGE_CODES) else _UNREACHABLE
+
+
+def _read(manager, step: int, target: PyTree) -> tuple[PyTree | None, int, str]:
+    try:
+        return restore_step(manager, step, target), _READ, ''
+    except CheckpointMismatchError:
+        raise
+    except Exception as error:  # noqa: BLE001 - classified: damaged, or retried
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        return None, _classify(error), reason
+
+
+def _all_processes(value: int) -> list[int]:
+    """`value` from every process, in process order (the same list on each)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in multihost_utils.process_allgather(np.int32(value))]
+
+
+def _from_process_0(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _newest_below(manager: ocp.CheckpointManager, below: int | None) -> int | None:
+    """Process 0's newest step under `below`, the same on every process (-1: none)."""
+    steps = [s for s in manager.all_steps() if below is None or s < below]
+    step = _from_process_0(max(steps) if steps else -1)
+    return None if step < 0 else step
+
+
+def _read_agreed(manager, step: int, target: PyTree) -> tuple[PyTree | None, list[int], str]:
+    """Every process reads `step`; storage errors anywhere are retried by all, with back-off.
+
+    Returns (state, outcome per process, this process's reason). A damaged read on any process
+    ends the retries at once; storage errors that outlast READ_ATTEMPTS stop the run.
+    """
+    wait = READ_FIRST_WAIT_SECONDS
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        state, outcome, reason = _read(manager, step, target)
+        outcomes = _all_processes(outcome)
+        if _UNREACHABLE not in outcomes or _DAMAGED in outcomes:
+            return state, outcomes, reason
+        if attempt < READ_ATTEMPTS:
+            logging.warning('Reading checkpoint step %d failed on process(es) %s (%s); '
+                            'retrying in %.0f s.', step, _processes_with(outcomes, _UNREACHABLE),
+                            reason or 'see that process', wait)
+            time.sleep(wait)
+            wait *= 2
+    raise CheckpointReadError(
+        f'Could not read checkpoint step {step} in {manager.directory} after {READ_ATTEMPTS} '
+        f'attempts on process(es) {_processes_with(outcomes, _UNREACHABLE)} '
+        f'({reason or "see that process"}); it is left in place. Check the storage '
+        '(network, credentials), then run the same command to resume.')
+
+
+def _processes_with(outcomes: list[int], kind: int) -> list[int]:
+    return [i for i, o in enumerate(outcomes) if o == kind]
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
-    """Moves an unreadable checkpoint aside (never deletes it) so that the step can be redone."""
+    """Moves a damaged checkpoint aside (never deletes it) so that the step can be redone."""
     source = epath.Path(manager.directory) / str(step)
     quarantine = epath.Path(manager.directory).parent / QUARANTINE_DIR
-    destination = quarantine / f'{step}-{time.time():.0f}'
+    destination = quarantine / f'{step}-{_from_process_0(int(time.time()))}'
     if jax.process_index() == 0:
         destination.parent.mkdir(parents=True, exist_ok=True)
         source.rename(destination)
+    _barrier(f'quarantined-{step}')
     manager.reload()
     return destination
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: PyTree) -> PyTree | None:
-    """The newest readable checkpoint, or None for a fresh workdir.
+    """The newest good checkpoint, the same one on every process; None for a fresh workdir.
 
-    An unreadable newest checkpoint (truncated or missing files) is moved aside and the next
-    older one is tried. A checkpoint of another model is an error, not a fallback.
+    Process 0 names the step to try; every process reads it and all see every outcome. Storage
+    errors are retried (see `_read_agreed`); a checkpoint that any process read as damaged
+    (checksum or structure) is moved aside and all fall back to the next older one. A
+    checkpoint of another model is an error, not a fallback.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return restore_step(manager, step, target)
-        except CheckpointMismatchError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any read failure means "unreadable"
-            moved = _quarantine(manager, step)
-            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-            logging.warning('Checkpoint step %d is unreadable (%s); moved to %s.',
-                            step, reason, moved)
-            print(f'Checkpoint at step {step} is unreadable; moved it to {moved} and '
+    step = _newest_below(manager, None)
+    while step is not None:
+        state, outcomes, reason = _read_agreed(manager, step, target)
+        if _DAMAGED not in outcomes:
+            return state
+        moved = _quarantine(manager, step)
+        where = ('' if jax.process_count() == 1 else
+                 f' on process(es) {_processes_with(outcomes, _DAMAGED)}')
+        logging.warning('Checkpoint step %d is damaged%s (%s); moved to %s.',
+                        step, where, reason or 'see that process', moved)
+        if jax.process_index() == 0:
+            print(f'Checkpoint at step {step} is unreadable{where}; moved it to {moved} and '
                   'resuming from the previous one.', flush=True)
+        step = _newest_below(manager, step)
     return None
 
 

@@ -1,23 +1,32 @@
 """Where metrics go: `metrics.jsonl`, TensorBoard event files, and a console progress bar.
 
-Only process 0 writes; the others get a writer that does nothing.
+Only process 0 writes; the others get a writer that does nothing. On a local disk each record
+is appended; an object store (gs://) has no append, so there the writer keeps the file's lines
+and rewrites the whole object at each write (an upload replaces an object atomically, so a kill
+never leaves a half file). A write that fails (a storage outage) is logged and redone by the
+next one; `close` retries with back-off, so no record is dropped while the run goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from typing import Any
 
+from absl import logging
 from etils import epath
 
+from resnet_flax import storage
+
 METRICS_FILE = 'metrics.jsonl'
+CLOSE_RETRY_SECONDS = 600.0  # how long `close` retries a metrics file it could not write
 
 
 class MetricWriter:
-    """Appends one JSON object per (step, split) to metrics.jsonl and mirrors it to TensorBoard."""
+    """Writes one JSON object per (step, split) to metrics.jsonl and mirrors it to TensorBoard."""
 
     def __init__(self, workdir: epath.PathLike, enabled: bool = True):
         self.enabled = enabled
@@ -25,6 +34,11 @@ class MetricWriter:
         if not enabled:
             return
         self._path = epath.Path(workdir) / METRICS_FILE
+        self._lines: list[str] | None = None  # the whole file, where it is rewritten
+        self._unwritten = False
+        if not storage.is_local(self._path):
+            self._lines = storage.retry(lambda: _read_lines(self._path), f'Reading {self._path}',
+                                        deadline_seconds=CLOSE_RETRY_SECONDS)
         from tensorboardX import SummaryWriter  # no TensorFlow needed
 
         self._tensorboard = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
@@ -33,16 +47,56 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {'step': int(step), 'split': split, **{k: _plain(v) for k, v in metrics.items()}}
-        with self._path.open('a') as f:
-            f.write(json.dumps(record) + '\n')
+        line = json.dumps(record) + '\n'
+        if self._lines is None:
+            with self._path.open('a') as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self._rewrite(retry_seconds=0.0)
         for name, value in record.items():
             if name not in ('step', 'split') and isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(f'{split}/{name}', value, int(step))
-        self._tensorboard.flush()
+        self._flush_tensorboard()
+
+    def _rewrite(self, retry_seconds: float) -> None:
+        """The whole file as one upload; a failure is logged and left to the next write."""
+        try:
+            storage.retry(lambda: self._path.write_text(''.join(self._lines)),
+                          f'Writing {self._path}', deadline_seconds=retry_seconds)
+            self._unwritten = False
+        except OSError as error:
+            if retry_seconds:
+                raise OSError(f'Could not write {self._path} for {retry_seconds:.0f} s ({error}); '
+                              'the last records are lost. Check the storage and credentials.'
+                              ) from error
+            self._unwritten = True
+            logging.warning('Could not write %s (%s); the next write retries with every record.',
+                            self._path, error)
+
+    def _flush_tensorboard(self) -> None:
+        try:
+            self._tensorboard.flush()
+        except Exception as error:  # noqa: BLE001 - google-cloud-storage errors are not OSErrors
+            # tensorboardX keeps the whole event file in memory on gs:// and uploads it again.
+            logging.warning('Could not flush TensorBoard events (%s); retried at the next write.',
+                            str(error).splitlines()[0][:200] if str(error) else type(error))
 
     def close(self) -> None:
         if self._tensorboard is not None:
-            self._tensorboard.close()
+            if self._unwritten:
+                self._rewrite(retry_seconds=CLOSE_RETRY_SECONDS)
+            self._flush_tensorboard()
+            with contextlib.suppress(Exception):  # flushed above; an outage is logged there
+                self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _read_lines(path: epath.Path) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [line + '\n' for line in text.splitlines() if line.strip()]
 
 
 def _plain(value: Any) -> Any:

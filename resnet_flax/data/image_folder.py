@@ -193,6 +193,11 @@ def _pil_to_png(encoded: bytes) -> bytes:
     return out.getvalue()
 
 
+def _read_bytes(path: bytes) -> bytes:
+    """A file's bytes through etils.epath: object stores take the project's storage route."""
+    return epath.Path(path.decode()).read_bytes()
+
+
 def _loader(split: Split):
     """index -> (encoded bytes TF can decode, label)."""
     from resnet_flax.data import tf_pipeline
@@ -203,9 +208,17 @@ def _loader(split: Split):
     labels = tf.constant(split.labels)
     needs_pil = tf.constant(split.needs_pil)
     any_pil = bool(split.needs_pil.any())
+    # gs:// files are read the way every other file of the run is (storage.py), not through
+    # TensorFlow's own GCS client; local files keep TF's reader.
+    remote = any('://' in path for path in split.paths[:1])
+
+    def read(path):
+        if remote:
+            return tf.reshape(tf.numpy_function(_read_bytes, [path], tf.string), [])
+        return tf.io.read_file(path)
 
     def load(index):
-        encoded = tf.io.read_file(tf.gather(paths, index))
+        encoded = read(tf.gather(paths, index))
         if any_pil:
             encoded = tf.cond(
                 tf.gather(needs_pil, index),

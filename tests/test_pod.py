@@ -1,0 +1,103 @@
+"""Two processes on localhost (jax.distributed), as on a pod: every process restores the same
+checkpoint when only one of them fails to read the newest, and the real TFDS pipeline runs
+through the whole loop with each process reading its own share.
+
+The read failures are real failures of the real read path, in one process only:
+$RESNET_FLAX_INJECT_READ_FAULT (checkpoint.py) makes that process's reads raise a dropped
+connection, or flips a bit of what it read so that the checksum check finds it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from resnet_flax import checkpoint
+from tests.imagenet_fixture import make_imagenet
+from tests.tiny import REPO, TINY_FLAGS, cpu_env, override_flags, run_script, train_losses
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(flags: list[str], workdir, env_of_process=None) -> list[str]:
+    """train.py as processes 0 and 1 of one run; returns their stderr."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / 'train.py'), *flags, f'--workdir={workdir}',
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+             f'--process_id={i}'],
+            cwd=REPO, env=cpu_env(1, **(env_of_process or {}).get(i, {})),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, (out + err)[-3000:]
+    return [out + err for out, err in outputs]
+
+
+def _resumed_from(output: str) -> int:
+    line = next(line for line in output.splitlines() if 'Resumed from step' in line)
+    return int(line.split('Resumed from step ')[1].split()[0].rstrip('.'))
+
+
+def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_restore(tmp_path):
+    """Damaged on process 1 only: both fall back to the same older step. A dropped connection
+    on process 1 only: both retry and resume from the newest. Losses then match the original."""
+    flags = ['--config=configs/digits.py',
+             *override_flags({**TINY_FLAGS, 'num_train_steps': 9, 'eval_every_steps': 9})]
+    original = tmp_path / 'original'
+    run_script('train.py', [*flags, f'--workdir={original}'], env=cpu_env(2))
+    reference = train_losses(original)  # steps 1..9, one uninterrupted run
+    shutil.rmtree(original / 'checkpoints' / '9')  # as if killed after step 9's metrics
+
+    cases = {'damaged': ('damaged:1', 3), 'unavailable': ('unavailable:2', 6)}
+    for case, (fault, expected_step) in cases.items():
+        workdir = tmp_path / case
+        shutil.copytree(original, workdir)
+        outputs = _two_processes(flags, workdir,
+                                 {1: {checkpoint.FAULT_ENV: fault}})
+        assert [_resumed_from(o) for o in outputs] == [expected_step] * 2, outputs[1][-2000:]
+        resumed = train_losses(workdir)
+        assert resumed == pytest.approx(reference, rel=1e-4), case
+        quarantined = workdir / checkpoint.QUARANTINE_DIR
+        if case == 'damaged':
+            assert 'unreadable on process(es) [1]' in outputs[0]
+            assert [p.name.split('-')[0] for p in quarantined.iterdir()] == ['6']
+        else:
+            assert not quarantined.exists()
+            assert 'retrying' in outputs[1] or 'retrying' in outputs[0]
+
+
+def test_tfds_imagenet_through_the_loop_on_two_processes_matches_one(tmp_path):
+    """The real imagenet2012 builder: each process reads its share of every global batch, and
+    eval counts every validation image once (9 of them, in padded batches of 4)."""
+    data_dir = make_imagenet(tmp_path / 'imagenet', num_classes=3, train_per_class=4,
+                             val_per_class=3, image_size=(24, 24))
+    overrides = {**TINY_FLAGS, 'data.dataset': 'imagenet2012', 'data.data_dir': data_dir,
+                 'data.eval_split': 'validation', 'data.shuffle_buffer_size': 16,
+                 'data.train_crop': 'none', 'model.num_classes': 1000, 'batch_size': 4,
+                 'eval_batch_size': 4, 'num_train_steps': 4, 'eval_every_steps': 4,
+                 'checkpoint_every_steps': 4}
+    flags = ['--config=configs/digits.py', *override_flags(overrides)]
+    run_script('train.py', [*flags, f'--workdir={tmp_path / "single"}'], env=cpu_env(2))
+    _two_processes(flags, tmp_path / 'multi')
+
+    assert train_losses(tmp_path / 'multi') == pytest.approx(
+        train_losses(tmp_path / 'single'), rel=1e-4)
+    from resnet_flax import metrics
+
+    evals = [metrics.read_metrics(tmp_path / run, 'eval')[-1] for run in ('single', 'multi')]
+    assert [e['num_examples'] for e in evals] == [9, 9]
+    assert evals[1]['top1'] == pytest.approx(evals[0]['top1'], abs=1e-6)
