@@ -93,9 +93,10 @@ class MetricWriter:
 
 
 def _read_lines(path: epath.Path) -> list[str]:
-    if not path.exists():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return []
-    text = path.read_text()
     return [line + '\n' for line in text.splitlines() if line.strip()]
 
 
@@ -111,9 +112,11 @@ def _plain(value: Any) -> Any:
 def read_metrics(workdir: epath.PathLike, split: str | None = None) -> list[dict[str, Any]]:
     """The records of metrics.jsonl, optionally of one split."""
     path = epath.Path(workdir) / METRICS_FILE
-    if not path.exists():
+    try:  # not exists(): gcsfs may answer that from a listing cached before the file was written
+        text = path.read_text()
+    except FileNotFoundError:
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records if split is None or r['split'] == split]
 
 

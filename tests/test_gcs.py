@@ -98,7 +98,7 @@ def _fresh_listings() -> None:
     """gcsfs caches listings per process; train.py (another process) changed the bucket."""
     import fsspec
 
-    fsspec.filesystem('gs').invalidate_cache()
+    fsspec.filesystem('gcs', finalize_on_close=True).invalidate_cache()  # epath's instance
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:

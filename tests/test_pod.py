@@ -14,13 +14,22 @@ import socket
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from resnet_flax import checkpoint
 from tests.imagenet_fixture import make_imagenet
-from tests.tiny import REPO, TINY_FLAGS, cpu_env, override_flags, run_script, train_losses
-
-pytestmark = pytest.mark.slow
+from tests.tiny import (
+    REPO,
+    TINY_FLAGS,
+    cpu_env,
+    override_flags,
+    run_script,
+    tiny_config,
+    train_losses,
+)
 
 
 def _free_port() -> int:
@@ -52,6 +61,7 @@ def _resumed_from(output: str) -> int:
     return int(line.split('Resumed from step ')[1].split()[0].rstrip('.'))
 
 
+@pytest.mark.slow
 def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_restore(tmp_path):
     """Damaged on process 1 only: both fall back to the same older step. A dropped connection
     on process 1 only: both retry and resume from the newest. Losses then match the original."""
@@ -80,6 +90,7 @@ def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_re
             assert 'retrying' in outputs[1] or 'retrying' in outputs[0]
 
 
+@pytest.mark.slow
 def test_tfds_imagenet_through_the_loop_on_two_processes_matches_one(tmp_path):
     """The real imagenet2012 builder: each process reads its share of every global batch, and
     eval counts every validation image once (9 of them, in padded batches of 4)."""
@@ -101,3 +112,29 @@ def test_tfds_imagenet_through_the_loop_on_two_processes_matches_one(tmp_path):
     evals = [metrics.read_metrics(tmp_path / run, 'eval')[-1] for run in ('single', 'multi')]
     assert [e['num_examples'] for e in evals] == [9, 9]
     assert evals[1]['top1'] == pytest.approx(evals[0]['top1'], abs=1e-6)
+
+
+def test_storage_errors_are_retried_and_only_damage_is_moved_aside(tmp_path, monkeypatch):
+    """One process: a dropped connection is retried and the newest step restores; one that
+    lasts stops with a one-line error and moves nothing; bad bytes are moved aside."""
+    manager = checkpoint.create_manager(tmp_path / 'checkpoints', keep_best=False)
+    for step in (1, 2):
+        state = {'w': jnp.arange(64.0) * step}
+        checkpoint.save(manager, step, state, tiny_config())
+        manager.wait_until_finished()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    monkeypatch.setattr(checkpoint, 'READ_FIRST_WAIT_SECONDS', 0.05)
+    quarantine = tmp_path / checkpoint.QUARANTINE_DIR
+
+    monkeypatch.setenv(checkpoint.FAULT_ENV, 'unavailable:2')
+    assert float(checkpoint.restore_latest(manager, target)['w'][1]) == 2.0
+    monkeypatch.setenv(checkpoint.FAULT_ENV, f'unavailable:{checkpoint.READ_ATTEMPTS}')
+    with pytest.raises(checkpoint.CheckpointReadError, match='left in place'):
+        checkpoint.restore_latest(manager, target)
+    assert not quarantine.exists() and manager.all_steps() == [1, 2]
+
+    monkeypatch.setenv(checkpoint.FAULT_ENV, 'damaged:1')
+    restored = checkpoint.restore_latest(manager, target)
+    np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(64.0))
+    assert [p.name.split('-')[0] for p in quarantine.iterdir()] == ['2']
