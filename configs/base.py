@@ -194,6 +194,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.0
     config.ema_decay = 0.0  # > 0 keeps an exponential moving average of the weights
     config.log_every_steps = 100
+    # The loop dispatches at most this many steps ahead of the device (0 = no bound). Keeps one
+    # step queued behind the running one, so the device never idles for the host, and makes
+    # train/input_wait_fraction mean "the device ran out of work waiting for input".
+    config.max_steps_ahead = 2
     config.eval_every_epochs = 1.0
     config.eval_every_steps = 0  # > 0 overrides eval_every_epochs
     config.eval_batch_size = 0  # 0 = batch_size

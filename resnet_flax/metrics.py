@@ -121,7 +121,7 @@ def read_metrics(workdir: epath.PathLike, split: str | None = None) -> list[dict
 
 
 class Progress:
-    """A console progress bar with step, loss, learning rate and images/s."""
+    """A console progress bar: step, loss, learning rate, images/s and input wait."""
 
     def __init__(self, total_steps: int, initial_step: int, enabled: bool = True):
         self._bar = None
@@ -148,6 +148,7 @@ class Progress:
             loss=f"{metrics['loss']:.4f}",
             lr=f"{metrics['learning_rate']:.3g}",
             img_s=f"{metrics.get('images_per_sec', 0.0):.0f}",
+            wait=f"{metrics.get('input_wait_fraction', 0.0):.0%}",
             refresh=False,
         )
 

@@ -23,6 +23,7 @@ from resnet_flax import (
     checkpoint,
     data,
     evaluate,
+    input_wait,
     models,
     optim,
     precision,
@@ -218,6 +219,7 @@ class _Run:
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     train_summary: dict[str, float] = dataclasses.field(default_factory=dict)
     run_start: float = dataclasses.field(default_factory=time.time)
+    batches: input_wait.TimedBatches | None = None  # the loop's iterator, timed
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -286,14 +288,16 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path,
 def _loop(run: _Run) -> bool:
     """Steps to the end of the schedule. Returns True if stopped early by a preemption."""
     schedule = run.schedule
-    batches = _train_batches(run.config, run.step, run.mesh)
+    run.batches = input_wait.TimedBatches(_train_batches(run.config, run.step, run.mesh))
+    pacer = input_wait.StepPacer(run.config.max_steps_ahead)
     run.window_start = run.run_start = time.time()
     while run.step < schedule.total_steps:
         if run.preemption.should_stop(run.manager, run.step):
             _save_for_preemption(run)
             return True
         run.profiler.before_step(run.step)
-        run.state, step_metrics = run.train_step(run.state, next(batches))
+        run.state, step_metrics = run.train_step(run.state, next(run.batches))
+        pacer.dispatched(step_metrics)
         run.window.append(step_metrics)
         run.step += 1
         run.profiler.after_step(run.step)
@@ -314,6 +318,7 @@ def _log_window(run: _Run) -> None:
     summary = _mean_metrics(run.window)  # waits for the window's last step
     elapsed = time.time() - run.window_start
     summary['images_per_sec'] = len(run.window) * run.config.batch_size / elapsed
+    summary['input_wait_fraction'] = run.batches.wait_fraction(elapsed)
     if run.info.num_skipped_examples is not None:
         summary['skipped_images'] = run.info.num_skipped_examples
     if run.config.halt_on_nan:
@@ -335,6 +340,7 @@ def _save_checkpoint(run: _Run, with_eval: bool) -> None:
     checkpoint.save(run.manager, run.step, run.state, run.config, metrics=metrics)
     run.last_checkpoint = run.step
     run.window_start = time.time()  # do not charge eval/checkpoint time to the step
+    run.batches.restart()
 
 
 def _save_for_preemption(run: _Run) -> None:

@@ -63,7 +63,9 @@ def test_metrics_jsonl_and_config_are_written(tmp_path):
     train_records = [r for r in records if r['split'] == 'train']
     eval_records = [r for r in records if r['split'] == 'eval']
     assert [r['step'] for r in train_records] == [1, 2, 3, 4, 5, 6]
-    assert {'loss', 'learning_rate', 'images_per_sec', 'top1'} <= set(train_records[0])
+    assert {'loss', 'learning_rate', 'images_per_sec', 'top1',
+            'input_wait_fraction'} <= set(train_records[0])
+    assert all(0 <= r['input_wait_fraction'] <= 1 for r in train_records)
     assert [r['step'] for r in eval_records] == [3, 6]
     assert {'loss', 'top1', 'top5', 'num_examples'} <= set(eval_records[0])
     saved = json.loads((tmp_path / 'config.json').read_text())
