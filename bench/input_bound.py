@@ -10,7 +10,9 @@ tiny model (so that the input, not the model, is the limit) on:
 - synthetic: random batches made in memory (no decoding): the loop's ceiling;
 - tf: the image folder through tf.data (data.loader='tf');
 - grain: the image folder through the TensorFlow-free loader (data.loader='grain');
-- grain_store: a prepared store of the folder (longest side 256) through grain.
+- grain_store: a prepared store of the folder (longest side 256) through grain;
+- grain_store_mp: the same with 2 grain worker processes instead of threads in the trainer's
+  process (data.num_workers=2; the default below 3 cores is threads).
 Runs alternate (`--repeats` rounds) in one process. Each logs every `--steps` steps; the
 first window (compilation) is left out and the median of the others' logged images/s and
 `input_wait_fraction` (the share of step time spent waiting for the next batch, from
@@ -40,7 +42,7 @@ from resnet_flax.data import prepare
 
 FLAGS = common.FLAGS
 flags.DEFINE_integer('images', 512, 'Generated JPEGs in the image folder.')
-flags.DEFINE_list('loaders', ['synthetic', 'tf', 'grain', 'grain_store'],
+flags.DEFINE_list('loaders', ['synthetic', 'tf', 'grain', 'grain_store', 'grain_store_mp'],
                   'What feeds the loop (tf is skipped where TensorFlow is missing).')
 flags.DEFINE_integer('repeats', 1, 'Alternating rounds over the loaders.')
 flags.DEFINE_integer('threads', 0, 'Decoding threads of the loaders; 0 = every core.')
@@ -54,12 +56,13 @@ def run_config(config, loader: str, folder: Path, store: Path):
                   checkpoint_every_steps=0, profile_start_step=-1, init_from='')
     config.optimizer.warmup_steps = 1
     if loader != 'synthetic':
+        stored = loader.startswith('grain_store')
         config.data.update(
-            dataset='prepared' if loader == 'grain_store' else 'image_folder',
-            data_dir=str(store if loader == 'grain_store' else folder),
+            dataset='prepared' if stored else 'image_folder',
+            data_dir=str(store if stored else folder),
             loader='tf' if loader == 'tf' else 'grain', train_split='train',
             eval_split='train', holdout_fraction=0.0, verify_images=False,
-            threadpool_size=FLAGS.threads, num_workers=0)
+            threadpool_size=FLAGS.threads, num_workers=2 if loader.endswith('_mp') else 0)
         config.model.num_classes = 2
     return config
 
