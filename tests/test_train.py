@@ -222,8 +222,9 @@ def test_gradient_accumulation_updates_bn_running_averages_once_per_micro_batch(
     start = flax.traverse_util.flatten_dict(jax.device_get(state.batch_stats))
     got = flax.traverse_util.flatten_dict(jax.device_get(new_state.batch_stats))
     expected = {key: np.asarray(value, np.float64) for key, value in start.items()}
+    images = batch['image'] / 255.0  # the default StepConfig normalises with (0, 1)
     for i in range(k):  # micro-batch i is every k-th example from i
-        inputs = _bn_inputs(model, state.variables(), batch['image'][i::k])
+        inputs = _bn_inputs(model, state.variables(), images[i::k])
         for path, x in inputs.items():
             mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
             for name, stat in (('mean', mean), ('var', var)):
@@ -232,7 +233,7 @@ def test_gradient_accumulation_updates_bn_running_averages_once_per_micro_batch(
     for key in got:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
     # Not the same as one update with the whole batch's statistics.
-    whole = _bn_inputs(model, state.variables(), batch['image'])
+    whole = _bn_inputs(model, state.variables(), images)
     path = sorted(whole)[-1]
     one_update = momentum * start[(*path, 'var')] + (1 - momentum) * whole[path].var((0, 1, 2))
     assert np.abs(np.asarray(got[(*path, 'var')]) - one_update).max() > 1e-3
