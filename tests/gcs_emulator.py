@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,11 +85,12 @@ class Emulator:
         }
 
     def start(self, timeout: float = 30.0) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, f'--port={self.port}', f'--dir={self.directory}',
-             f'--bucket={self.bucket}'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        with open(f'{self.directory}/emulator.log', 'ab') as log:
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, f'--port={self.port}', f'--dir={self.directory}',
+                 f'--bucket={self.bucket}'],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -101,10 +103,18 @@ class Emulator:
         raise RuntimeError(f'The GCS emulator did not answer on {self.url} in {timeout} s.')
 
     def stop(self) -> None:
-        """An outage: the server dies without a goodbye; its objects stay on disk."""
+        """An outage: the server stops answering; its objects stay on disk.
+
+        SIGINT, not SIGKILL: the emulator rewrites its whole index file on every change, and a
+        kill in the middle of that write would lose the bucket (real GCS has no such file).
+        """
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.process = None
 
 

@@ -28,6 +28,8 @@ from tests.gcs_emulator import Emulator
 from tests.tiny import REPO, TINY_FLAGS, cpu_env, override_flags, tiny_config
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]
+pytest.importorskip('gcp_storage_emulator')  # in the `test` extra
+pytest.importorskip('gcsfs')
 
 BUCKET = 'test-bucket'
 DATA = f'gs://{BUCKET}/digits_folder'

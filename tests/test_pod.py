@@ -50,7 +50,7 @@ def _two_processes(flags: list[str], workdir, env_of_process=None) -> list[str]:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=400) for p in procs]
+    outputs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, (out + err)[-3000:]
     return [out + err for out, err in outputs]
@@ -68,7 +68,7 @@ def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_re
     flags = ['--config=configs/digits.py',
              *override_flags({**TINY_FLAGS, 'num_train_steps': 9, 'eval_every_steps': 9})]
     original = tmp_path / 'original'
-    run_script('train.py', [*flags, f'--workdir={original}'], env=cpu_env(2))
+    run_script('train.py', [*flags, f'--workdir={original}'], env=cpu_env(2), timeout=900)
     reference = train_losses(original)  # steps 1..9, one uninterrupted run
     shutil.rmtree(original / 'checkpoints' / '9')  # as if killed after step 9's metrics
 
@@ -102,7 +102,8 @@ def test_tfds_imagenet_through_the_loop_on_two_processes_matches_one(tmp_path):
                  'eval_batch_size': 4, 'num_train_steps': 4, 'eval_every_steps': 4,
                  'checkpoint_every_steps': 4}
     flags = ['--config=configs/digits.py', *override_flags(overrides)]
-    run_script('train.py', [*flags, f'--workdir={tmp_path / "single"}'], env=cpu_env(2))
+    run_script('train.py', [*flags, f'--workdir={tmp_path / "single"}'], env=cpu_env(2),
+               timeout=900)
     _two_processes(flags, tmp_path / 'multi')
 
     assert train_losses(tmp_path / 'multi') == pytest.approx(
