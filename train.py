@@ -5,6 +5,8 @@
 Running the same command again resumes from the newest checkpoint in --workdir.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,7 +25,9 @@ def main(argv):
     cli.setup(FLAGS)
     from resnet_flax import train
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if result.get('interrupted'):
+        sys.exit(130)  # Ctrl-C: the shell's convention, so `train.py && eval.py` stops here
 
 
 if __name__ == '__main__':

@@ -206,6 +206,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile_start_step = -1  # >= 0 writes a profiler trace of a few steps to the workdir
     config.profile_num_steps = 5
     config.halt_on_nan = True
+    # A resume compares the config with the run's config.json: a different network is refused,
+    # other training changes (schedule, optimizer, data...) need this set to True for that
+    # resume (the earlier config is kept as config.until-step-N.json). resnet_flax/run_config.py
+    config.allow_config_change = False
     # Diagnostic: also log the gradient norm of each top-level module (stem, every block, head)
     # as train metrics 'grad_norm/stage1_block1', ...; computed in the jitted step, averaged over
     # the logging window like the loss. Cheap enough for small runs (one norm per block).

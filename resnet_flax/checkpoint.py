@@ -46,16 +46,18 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
 def create_manager(
     directory: epath.PathLike, keep: int = 3, keep_best: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """Keeps the newest `keep` checkpoints, plus the best by eval top-1 when `keep_best`."""
+    """Keeps the newest `keep` checkpoints, plus the best by eval top-1 when `keep_best` (and
+    the best by EMA top-1, for --checkpoint_step=best --ema)."""
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
-        policies.append(
-            checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics['top1'],
-                n=1,
-                keep_checkpoints_without_metrics=False,
+        for metric in ('top1', 'ema_top1'):
+            policies.append(
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics, m=metric: metrics.get(m, metrics['top1']),
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
             )
-        )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         # Orbax writes a checkpoint's metrics only when it tracks a best_fn.
@@ -385,11 +387,12 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree) -> PyTree | N
     return None
 
 
-def best_step(manager: ocp.CheckpointManager) -> int | None:
-    """The step with the highest eval top-1 among the checkpoints that have eval metrics."""
+def best_step(manager: ocp.CheckpointManager, metric: str = 'top1') -> int | None:
+    """The step with the highest `metric` ('top1', or 'ema_top1' for the EMA weights) among
+    the checkpoints that have it."""
     scored = []
     for step in manager.all_steps():
         metrics = manager.metrics(step)
-        if metrics and 'top1' in metrics:
-            scored.append((metrics['top1'], step))
+        if metrics and metric in metrics:
+            scored.append((metrics[metric], step))
     return max(scored)[1] if scored else None

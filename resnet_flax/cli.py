@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import logging as std_logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -21,10 +26,28 @@ def define_distributed_flags() -> None:
                         'Persistent XLA compilation cache, so a second run starts fast.')
 
 
+class _DropKnownNoise(std_logging.Filter):
+    """Warnings that are expected here and read as trouble to a newcomer."""
+
+    NOISE = ('Requested `tracked_metric`',  # orbax: a checkpoint saved between evals
+             "Unable to initialize backend 'tpu'")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.NOISE)
+
+
+def quiet_logs() -> None:
+    """The project's own lines and real warnings only; --verbosity brings the rest back."""
+    logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's oneDNN notice is INFO
+    for name in ('absl', 'jax._src.xla_bridge'):
+        std_logging.getLogger(name).addFilter(_DropKnownNoise())
+
+
 def setup(flag_values: flags.FlagValues) -> None:
     """Distributed runtime first (before any device is touched), then the compilation cache."""
     if not flag_values['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO; -v 0 restores
+        quiet_logs()
     from resnet_flax import sharding
 
     sharding.initialize_distributed(
@@ -51,9 +74,54 @@ def check_config_path(argv: list[str]) -> None:
                 )
 
 
+def _load_config(spec: str) -> Any:
+    """The ConfigDict of `--config=path.py[:arg]`, loaded as ml_collections loads it."""
+    path, _, arg = spec.partition(':')
+    module_spec = importlib.util.spec_from_file_location('_config_to_check', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _dotted_names(config: Any, prefix: str = '') -> list[str]:
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if hasattr(value, 'items'):
+            names.extend(_dotted_names(value, f'{prefix}{key}.'))
+    return names
+
+
+def check_config_overrides(argv: list[str]) -> None:
+    """A mistyped `--config.a.b=v` is a one-line error naming the nearest valid fields."""
+    overrides = [arg[len('--config.'):].split('=', 1)[0] for arg in argv[1:]
+                 if arg.startswith('--config.')]
+    spec = next((arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config=')), None)
+    if not overrides:
+        return
+    if spec is None:
+        raise SystemExit(f'Error: --config.{overrides[0]} overrides a field of --config, so '
+                         'pass --config=FILE too.')
+    try:
+        config = _load_config(spec)
+    except Exception:  # noqa: BLE001 - ml_collections reports a broken config file itself
+        return
+    names = _dotted_names(config)
+    for name in overrides:
+        if name not in names:
+            leaf = name.rsplit('.', 1)[-1]
+            near = difflib.get_close_matches(name, names, 3, 0.6) or [
+                n for n in names if n.rsplit('.', 1)[-1] == leaf] or difflib.get_close_matches(
+                    leaf, names, 3, 0.6)
+            hint = (f'; did you mean {" or ".join("--config." + n for n in near)}?' if near
+                    else f'; see {spec.partition(":")[0]} and configs/base.py for the fields.')
+            raise SystemExit(f'Error: --config.{name}: the config has no field {name!r}{hint}')
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """absl's app.run, with user errors shown as one line instead of a traceback."""
     check_config_path(sys.argv)
+    check_config_overrides(sys.argv)
 
     def guarded(argv):
         try:
@@ -62,5 +130,9 @@ def run(main: Callable[[list[str]], None]) -> None:
             logging.vlog(1, 'Stopped by error', exc_info=True)
             print(f'Error: {error}', file=sys.stderr, flush=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # before or after the loop, which saves on Ctrl-C itself
+            print('\nInterrupted (Ctrl-C); the checkpoints already written are kept.',
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
 
     app.run(guarded)

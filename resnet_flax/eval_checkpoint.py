@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_flax import data, evaluate, models, predict, sharding, weights
+from resnet_flax import data, evaluate, models, predict, run_config, sharding, weights
 from resnet_flax.device_augment import AugmentConfig
 from resnet_flax.state import init_variables
 
@@ -34,10 +34,21 @@ def _check_classes(config: ml_collections.ConfigDict, num_classes: int) -> None:
         )
 
 
+def saved_config(workdir: str | None) -> ml_collections.ConfigDict:
+    """eval.py without --config: the config a train workdir saved."""
+    if not workdir:
+        raise ValueError('Pass --config=FILE (and its overrides); only a --workdir carries '
+                         'the config of its run.')
+    return run_config.load(workdir)
+
+
 def restore_model(config: ml_collections.ConfigDict, ckpt: weights.Checkpoint,
                   image_shape: tuple[int, int, int], mesh: jax.sharding.Mesh,
                   use_ema: bool = False) -> tuple[Any, PyTree]:
     """(model, variables) with the checkpoint's weights, replicated over `mesh`."""
+    saved = weights.saved_model_fields(ckpt)
+    if saved is not None and 'config' in ckpt.meta:  # a train checkpoint knows its network
+        run_config.check_eval_model(saved, config.model, f'Checkpoint {ckpt.description}')
     model = models.from_config(config.model)
     shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), image_shape))
     target = weights.abstract_like(
@@ -68,7 +79,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
     info = data.get_info(config.data)  # a missing data set fails before the restore
     _check_classes(config, info.num_classes)
     sharding.check_batch_size(evaluate.eval_batch_size(config), 'eval_batch_size')
-    ckpt = weights.locate(path, step)
+    ckpt = weights.locate(path, step, best_metric='ema_top1' if use_ema else 'top1')
     config = with_eval_preset(config, ckpt)
     mesh = sharding.create_mesh()
     model, variables = restore_model(config, ckpt, info.image_shape, mesh, use_ema)
@@ -84,7 +95,7 @@ def predict_checkpoint(config: ml_collections.ConfigDict, path: str, images: Seq
     """The top-k classes of each image under the checkpoint at `path`. The data set itself
     need not be present: only its preprocessing and class names are used."""
     size = int(config.data.image_size)
-    ckpt = weights.locate(path, step)
+    ckpt = weights.locate(path, step, best_metric='ema_top1' if use_ema else 'top1')
     config = with_eval_preset(config, ckpt)
     mesh = sharding.create_mesh()
     model, variables = restore_model(config, ckpt, (size, size, 3), mesh, use_ema)

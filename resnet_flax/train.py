@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -27,6 +29,7 @@ from resnet_flax import (
     models,
     optim,
     precision,
+    run_config,
     sharding,
     steps,
     workdir_lock,
@@ -84,21 +87,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag the loop checks between steps (no work is lost mid-step).
+    """Turns SIGTERM or a Ctrl-C (SIGINT) into a flag the loop checks between steps, so no
+    work is lost mid-step; a second Ctrl-C aborts at once.
 
-    With several processes, JAX's coordination service catches the signal and every process
+    With several processes, JAX's coordination service catches SIGTERM and every process
     agrees on the step to stop at, through orbax's `reached_preemption`.
     """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name = ''
+        self._previous = {}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            print('Interrupted again: stopped at once; run the same command to resume from '
+                  'the last checkpoint.', file=sys.stderr, flush=True)
+            os._exit(130)  # no cleanup: an unfinished checkpoint is a temporary directory
+        if signum == signal.SIGINT:
+            print('\nInterrupted: saving a checkpoint at the end of this step '
+                  '(Ctrl-C again to stop at once).', file=sys.stderr, flush=True)
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def should_stop(self, manager, step: int) -> bool:
         if jax.process_count() > 1:
@@ -106,8 +120,8 @@ class PreemptionWatcher:
         return self.requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _train_batches(config: ml_collections.ConfigDict, start_step: int, mesh):
@@ -174,9 +188,18 @@ def _workdir_locked(workdir: epath.Path):
         lock.release()
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    if jax.process_index() == 0:
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+def _make_workdir(workdir: epath.Path) -> None:
+    """Creates the workdir, or says in one line why --workdir cannot be one."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f'--workdir={workdir} is a file, not a directory; choose another '
+                         '--workdir.')
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on the way, no permission, read-only file system
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f'--workdir={workdir} cannot be created ({reason}: '
+                         f'{error.filename or workdir}); choose a --workdir in a directory '
+                         'you can write to.') from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -189,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'config.model.num_classes={config.model.num_classes} but {config.data.dataset!r} '
             f'has {info.num_classes} classes; set --config.model.num_classes={info.num_classes}.'
         )
-    workdir.mkdir(parents=True, exist_ok=True)
+    _make_workdir(workdir)
     with _workdir_locked(workdir):
         return _train_and_evaluate(config, workdir, info)
 
@@ -226,11 +249,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         info: data.DatasetInfo) -> dict[str, Any]:
     run = _set_up(config, workdir, info)
     try:
+        if run.step >= run.schedule.total_steps:
+            return _report_complete(run)
+        _announce(run)
         preempted = _loop(run)
     finally:
         _close(run)
     if preempted:
-        return {'step': run.step, 'preempted': True}
+        return {'step': run.step, 'preempted': True,
+                'interrupted': run.preemption.signal_name == 'SIGINT'}
     return _final_summary(run)
 
 
@@ -261,9 +288,11 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path,
         checkpoint.checkpoint_dir(workdir), keep=config.keep_checkpoints
     )
     target = abstract_state(model, optimizer, info.image_shape, use_ema, mesh)
+    _check_config_change(config, workdir, manager.latest_step())
     state = _restore_or_init(config, model, optimizer, manager, target, info, use_ema, mesh)
     start_step = int(state.step)
-    _save_config(config, workdir)
+    if jax.process_index() == 0:
+        run_config.save(workdir, config, start_step)
 
     step_cfg = steps.StepConfig.from_config(config)
     is_main = jax.process_index() == 0
@@ -273,16 +302,47 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path,
         train_step=jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target),
         eval_fn=evaluate.make_eval_fn(model, mesh, step_cfg.augment), use_ema=use_ema,
         writer=metrics_lib.MetricWriter(workdir, enabled=is_main),
-        progress=metrics_lib.Progress(schedule.total_steps, start_step, enabled=is_main),
+        progress=metrics_lib.Progress(schedule.total_steps, start_step,
+                                      enabled=is_main and start_step < schedule.total_steps),
         preemption=PreemptionWatcher(), profiler=Profiler(config, workdir),
         step=start_step, last_checkpoint=manager.latest_step(),
     )
-    if start_step:
-        run.progress.write(f'Resumed from step {start_step} in {workdir}.')
-    run.progress.write(
-        f'Training to step {schedule.total_steps} ({schedule.steps_per_epoch} per '
-        f'epoch) on {jax.device_count()} devices in {jax.process_count()} processes.')
     return run
+
+
+def _check_config_change(config: ml_collections.ConfigDict, workdir: epath.Path,
+                         latest_step: int | None) -> None:
+    if latest_step is None:  # nothing trained yet: the new config simply applies
+        return
+    note = run_config.check_resume(workdir, config, latest_step)
+    if note and jax.process_index() == 0:
+        print(note, file=sys.stderr, flush=True)
+
+
+def _announce(run: _Run) -> None:
+    if run.step:
+        run.progress.write(f'Resumed from step {run.step} in {run.workdir}.')
+    run.progress.write(
+        f'Training to step {run.schedule.total_steps} ({run.schedule.steps_per_epoch} per '
+        f'epoch) on {jax.device_count()} devices in {jax.process_count()} processes.')
+
+
+def _report_complete(run: _Run) -> dict[str, Any]:
+    """A finished run: says so and shows its final eval, from metrics.jsonl when recorded
+    there (else evaluated again); the train step is never compiled."""
+    records = metrics_lib.read_metrics(run.workdir)
+    final = {r['split']: r for r in records if r['step'] == run.step}
+    if 'eval' in final:
+        run.eval_metrics = {k: v for k, v in final['eval'].items() if k not in ('step', 'split')}
+    else:
+        run.eval_metrics = _evaluate_all(run.eval_fn, run.state, run.config, run.mesh,
+                                         run.use_ema)
+    run.train_summary = final.get('train', {})
+    run.progress.write(f'The run in {run.workdir} is already complete: step {run.step} of '
+                       f'{run.schedule.total_steps}. To train longer, raise num_epochs or '
+                       'num_train_steps with --config.allow_config_change=True.')
+    run.progress.write('Final ' + _format_eval(run.step, run.eval_metrics))
+    return _final_summary(run)
 
 
 def _loop(run: _Run) -> bool:
@@ -336,7 +396,9 @@ def _evaluate_and_log(run: _Run) -> None:
 
 
 def _save_checkpoint(run: _Run, with_eval: bool) -> None:
-    metrics = {'top1': run.eval_metrics['top1']} if with_eval else None
+    # The eval top-1 of the weights and of their EMA rank checkpoints for --checkpoint_step=best.
+    metrics = ({k: run.eval_metrics[k] for k in ('top1', 'ema_top1') if k in run.eval_metrics}
+               if with_eval else None)
     checkpoint.save(run.manager, run.step, run.state, run.config, metrics=metrics)
     run.last_checkpoint = run.step
     run.window_start = time.time()  # do not charge eval/checkpoint time to the step
@@ -347,7 +409,8 @@ def _save_for_preemption(run: _Run) -> None:
     if run.last_checkpoint != run.step:  # a step is saved once; orbax refuses a second save
         checkpoint.save(run.manager, run.step, run.state, run.config)
     run.manager.wait_until_finished()
-    run.progress.write(f'Preempted: saved a checkpoint at step {run.step}; run the same '
+    why = 'Interrupted' if run.preemption.signal_name == 'SIGINT' else 'Preempted'
+    run.progress.write(f'{why}: saved a checkpoint at step {run.step}; run the same '
                        'command to resume.')
 
 
@@ -400,8 +463,10 @@ def _evaluate_all(eval_fn, state: TrainState, config, mesh, use_ema: bool) -> di
 
 
 def _format_eval(step: int, metrics: dict[str, float]) -> str:
+    ema = (f"; EMA weights: loss {metrics['ema_loss']:.4f}, top1 {metrics['ema_top1']:.4f}, "
+           f"top5 {metrics['ema_top5']:.4f}" if 'ema_top1' in metrics else '')
     return (f"eval @ step {step}: loss {metrics['loss']:.4f}, top1 {metrics['top1']:.4f}, "
-            f"top5 {metrics['top5']:.4f} over {metrics['num_examples']} examples")
+            f"top5 {metrics['top5']:.4f} over {metrics['num_examples']} examples{ema}")
 
 
 def _short(value: Any) -> str:

@@ -81,8 +81,10 @@ def _not_found(path: str, why: str) -> FileNotFoundError:
     )
 
 
-def locate(path: str | epath.PathLike, step: str | int = 'latest') -> Checkpoint:
-    """The checkpoint at `path`; for a workdir, its step `step` (a number, 'latest', 'best')."""
+def locate(path: str | epath.PathLike, step: str | int = 'latest',
+           best_metric: str = 'top1') -> Checkpoint:
+    """The checkpoint at `path`; for a workdir, its step `step` (a number, 'latest', or 'best':
+    highest `best_metric`, 'ema_top1' to rank by the EMA weights)."""
     root = epath.Path(path)
     if not root.exists():
         raise _not_found(str(path), 'the path does not exist')
@@ -99,7 +101,7 @@ def locate(path: str | epath.PathLike, step: str | int = 'latest') -> Checkpoint
     with _quiet():  # a read-only manager warns that it will not save
         manager = checkpoint.create_manager(manager_dir, read_only=True)
     try:
-        chosen = _choose_step(manager, str(path), step)
+        chosen = _choose_step(manager, str(path), step, best_metric)
     finally:
         manager.close()
     directory = manager_dir / str(chosen)
@@ -116,14 +118,20 @@ def _quiet():
         logging.set_verbosity(level)
 
 
-def _choose_step(manager: ocp.CheckpointManager, path: str, step: str | int) -> int:
+def _choose_step(manager: ocp.CheckpointManager, path: str, step: str | int,
+                 best_metric: str = 'top1') -> int:
     steps = sorted(manager.all_steps())
     if not steps:
         raise _not_found(path, 'it holds no checkpoint')
     if str(step) == 'latest':
         return steps[-1]
     if str(step) == 'best':
-        best = checkpoint.best_step(manager)
+        best = checkpoint.best_step(manager, best_metric)
+        if best is None and best_metric != 'top1':  # saved before EMA metrics were kept
+            best = checkpoint.best_step(manager)
+            if best is not None:
+                print(f'No checkpoint in {path} records {best_metric}; ranked by top1.',
+                      flush=True)
         if best is None:
             raise ValueError(f'No checkpoint in {path} has eval metrics, so none is the best; '
                              f'choose one of the steps {steps} or latest.')

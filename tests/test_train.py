@@ -14,7 +14,17 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoint, data, evaluate, models, optim, sharding, steps, train
+from resnet_flax import (
+    checkpoint,
+    data,
+    evaluate,
+    models,
+    optim,
+    run_config,
+    sharding,
+    steps,
+    train,
+)
 from resnet_flax.device_augment import AugmentConfig
 from resnet_flax.state import abstract_state, create_train_state
 from tests.tiny import (
@@ -81,7 +91,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
 
     resumed_dir = str(tmp_path / 'resumed')
     train.train_and_evaluate(tiny_config(num_train_steps=3, **constant), resumed_dir)
-    train.train_and_evaluate(tiny_config(**constant), resumed_dir)
+    train.train_and_evaluate(tiny_config(allow_config_change=True, **constant), resumed_dir)
 
     assert train_losses(tmp_path / 'resumed') == pytest.approx(
         train_losses(tmp_path / 'straight'), rel=1e-6
@@ -129,11 +139,15 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
     train.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
     before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
     wider = tiny_config(**{'model.stage_widths': (8, 32)})
+    with pytest.raises(run_config.ConfigChangeError, match=r'another network \(model.stage_wi'):
+        train.train_and_evaluate(wider, str(tmp_path))
+    saved = json.loads((tmp_path / 'config.json').read_text())
+    assert saved['model']['stage_widths'] == [8, 16]  # not overwritten
+    # Without the saved config (a workdir of an older version), the arrays' shapes refuse it.
+    (tmp_path / 'config.json').unlink()
     with pytest.raises(checkpoint.CheckpointMismatchError, match='does not fit this model'):
         train.train_and_evaluate(wider, str(tmp_path))
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
-    saved = json.loads((tmp_path / 'config.json').read_text())
-    assert saved['model']['stage_widths'] == [8, 16]  # not overwritten
 
 
 @pytest.mark.parametrize(
@@ -313,7 +327,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     assert manager.latest_step() == saved_step >= 5
 
     resumed = run_script('train.py', [*flags[:2], *override_flags(
-        {**TINY_FLAGS, 'num_train_steps': saved_step + 2})])
+        {**TINY_FLAGS, 'num_train_steps': saved_step + 2, 'allow_config_change': True})])
     assert f'Resumed from step {saved_step}' in resumed.stderr
 
 
