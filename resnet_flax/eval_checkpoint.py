@@ -46,15 +46,17 @@ def restore_model(config: ml_collections.ConfigDict, ckpt: weights.Checkpoint,
                   image_shape: tuple[int, int, int], mesh: jax.sharding.Mesh,
                   use_ema: bool = False) -> tuple[Any, PyTree]:
     """(model, variables) with the checkpoint's weights, replicated over `mesh`."""
-    saved = weights.saved_model_fields(ckpt)
-    if saved is not None and 'config' in ckpt.meta:  # a train checkpoint knows its network
-        run_config.check_eval_model(saved, config.model, f'Checkpoint {ckpt.description}')
     model = models.from_config(config.model)
     shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), image_shape))
     target = weights.abstract_like(
         {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})},
         sharding.replicated(mesh))
-    return model, weights.load_variables(ckpt, target, use_ema, config.model)
+    variables = weights.load_variables(ckpt, target, use_ema, config.model)  # shapes first
+    saved = weights.saved_model_fields(ckpt)
+    if saved is not None and 'config' in ckpt.meta:  # a train checkpoint knows its network
+        # Same shapes can still be another network (v1 vs v1.5 strides, BN epsilon, ...).
+        run_config.check_eval_model(saved, config.model, f'Checkpoint {ckpt.description}')
+    return model, variables
 
 
 def with_eval_preset(config: ml_collections.ConfigDict,

@@ -87,12 +87,13 @@ def test_eval_py_without_config_uses_the_workdirs_config(finished):
 @pytest.mark.slow
 def test_eval_py_with_another_network_is_refused_in_one_line(finished):
     workdir, _ = finished
-    flags = override_flags({**FLAGS, 'model.stage_widths': '(8,32)'})
+    # Same array shapes, another network: only the saved config can tell.
+    flags = override_flags({**FLAGS, 'model.bn_epsilon': 0.001})
     result = run_script('eval.py', [f'--workdir={workdir}', '--config=configs/digits.py',
                                     *flags], check=False)
     assert result.returncode == 1
     line = _one_error_line(result)
-    assert 'another network' in line and 'model.stage_widths' in line
+    assert 'another network (model.bn_epsilon 1e-05 -> 0.001 here)' in line
 
 
 def _set_checkpoint_metrics(workdir: Path, step: int, **metrics: float) -> None:
