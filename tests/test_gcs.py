@@ -194,7 +194,8 @@ def test_storage_outages_between_and_during_checkpoint_saves_are_survived(gcs):
     checkpoints, once as a checkpoint save starts. The run rides both out and finishes; every
     metrics record and every checkpoint is there and reads back (checksums included)."""
     workdir = f'gs://{BUCKET}/outage'
-    total, every, outage_seconds = 40, 5, 10.0
+    total, every = 40, 5
+    outage_seconds = float(os.environ.get('RF_OUTAGE_SECONDS', '10'))  # longer: by hand
     flags = ['--config=configs/digits.py', f'--workdir={workdir}', *override_flags({
         **TINY_FLAGS, 'num_train_steps': total, 'checkpoint_every_steps': every,
         'eval_every_steps': 20, 'keep_checkpoints': total // every})]

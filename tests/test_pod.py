@@ -1,6 +1,5 @@
 """Two processes on localhost (jax.distributed), as on a pod: every process restores the same
-checkpoint when only one of them fails to read the newest, and the real TFDS pipeline runs
-through the whole loop with each process reading its own share.
+checkpoint when only one of them fails to read the newest.
 
 The read failures are real failures of the real read path, in one process only:
 $RESNET_FLAX_INJECT_READ_FAULT (checkpoint.py) makes that process's reads raise a dropped
@@ -20,7 +19,6 @@ import numpy as np
 import pytest
 
 from resnet_flax import checkpoint
-from tests.imagenet_fixture import make_imagenet
 from tests.tiny import (
     REPO,
     TINY_FLAGS,
@@ -88,31 +86,6 @@ def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_re
         else:
             assert not quarantined.exists()
             assert 'retrying' in outputs[1] or 'retrying' in outputs[0]
-
-
-@pytest.mark.slow
-def test_tfds_imagenet_through_the_loop_on_two_processes_matches_one(tmp_path):
-    """The real imagenet2012 builder: each process reads its share of every global batch, and
-    eval counts every validation image once (9 of them, in padded batches of 4)."""
-    data_dir = make_imagenet(tmp_path / 'imagenet', num_classes=3, train_per_class=4,
-                             val_per_class=3, image_size=(24, 24))
-    overrides = {**TINY_FLAGS, 'data.dataset': 'imagenet2012', 'data.data_dir': data_dir,
-                 'data.eval_split': 'validation', 'data.shuffle_buffer_size': 16,
-                 'data.train_crop': 'none', 'model.num_classes': 1000, 'batch_size': 4,
-                 'eval_batch_size': 4, 'num_train_steps': 4, 'eval_every_steps': 4,
-                 'checkpoint_every_steps': 4}
-    flags = ['--config=configs/digits.py', *override_flags(overrides)]
-    run_script('train.py', [*flags, f'--workdir={tmp_path / "single"}'], env=cpu_env(2),
-               timeout=900)
-    _two_processes(flags, tmp_path / 'multi')
-
-    assert train_losses(tmp_path / 'multi') == pytest.approx(
-        train_losses(tmp_path / 'single'), rel=1e-4)
-    from resnet_flax import metrics
-
-    evals = [metrics.read_metrics(tmp_path / run, 'eval')[-1] for run in ('single', 'multi')]
-    assert [e['num_examples'] for e in evals] == [9, 9]
-    assert evals[1]['top1'] == pytest.approx(evals[0]['top1'], abs=1e-6)
 
 
 def test_storage_errors_are_retried_and_only_damage_is_moved_aside(tmp_path, monkeypatch):
