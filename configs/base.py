@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     # BN statistics over the global batch (0, synced across devices under jit), or over
     # groups of this many examples ("ghost" BN; the per-device batch gives per-device BN).
     model.bn_group_size = 0
+    # Stochastic depth (Huang et al. 2016): the residual branch of block l of L is dropped per
+    # example with probability drop_path_rate * l / L in training (kept ones scaled by 1/(1-p)).
+    model.drop_path_rate = 0.0
+    model.head_dropout_rate = 0.0  # dropout on the pooled features, before the head
 
     # ---- Data (resnet_flax/data/). Every source yields uint8 NHWC RGB images already at the
     # train (or eval) size (grayscale replicated, alpha dropped) and int32 labels. The host

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
@@ -81,6 +82,25 @@ class GhostBatchNorm(nn.Module):
                 ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, features).mean(0)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype or x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016), per example: in training each example's residual
+    branch is dropped with probability `rate` and kept ones are scaled by 1/(1 - rate), so the
+    expected output is unchanged; at eval (`deterministic`) the branch passes unchanged. Draws
+    from the 'drop_path' RNG stream."""
+
+    rate: float
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, branch: jnp.ndarray) -> jnp.ndarray:
+        if self.deterministic or self.rate == 0:
+            return branch
+        keep = 1.0 - self.rate
+        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)  # one draw per example
+        kept = jax.random.bernoulli(self.make_rng('drop_path'), keep, shape)
+        return jnp.where(kept, branch / keep, 0).astype(branch.dtype)
 
 
 class SqueezeExcite(nn.Module):
@@ -203,6 +223,7 @@ class ResidualBlock(nn.Module):
     groups: int = 1
     stride_placement: str = 'v1.5'
     se: ModuleDef | None = None  # a SqueezeExcite partial, or None
+    drop_path: ModuleDef | None = None  # a DropPath partial (its rate set), or None
 
     def last_norm(self, name: str) -> nn.Module:
         init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
@@ -211,10 +232,14 @@ class ResidualBlock(nn.Module):
     def excite(self, y: jnp.ndarray) -> jnp.ndarray:
         return y if self.se is None else self.se(name='se')(y)
 
-    @staticmethod
-    def add(residual_branch: jnp.ndarray, identity: jnp.ndarray | None) -> jnp.ndarray:
-        """H(x) = F(x) + x; a plain block (shortcut='none') has no x to add: H(x) = F(x)."""
-        return residual_branch if identity is None else residual_branch + identity
+    def add(self, residual_branch: jnp.ndarray, identity: jnp.ndarray | None) -> jnp.ndarray:
+        """H(x) = F(x) + x; a plain block (shortcut='none') has no x to add: H(x) = F(x).
+        With stochastic depth, F(x) of some examples is dropped in training: H(x) = x."""
+        if identity is None:
+            return residual_branch
+        if self.drop_path is not None:
+            residual_branch = self.drop_path(name='drop_path')(residual_branch)
+        return residual_branch + identity
 
 
 class BasicBlock(ResidualBlock):

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from resnet_flax import blocks
@@ -49,7 +50,7 @@ CONFIG_DEFAULTS: dict[str, Any] = dict(
     stem='', stem_width=0, shortcut='', stride_placement='v1.5', preactivation=False,
     avg_down=False, zero_init_last_bn=False, width_multiplier=1.0, groups=1, base_width=64,
     se_ratio=0.0, dtype='float32', param_dtype='float32', bn_momentum=0.9, bn_epsilon=1e-5,
-    bn_group_size=0,
+    bn_group_size=0, drop_path_rate=0.0, head_dropout_rate=0.0,
 )
 
 IMAGENET_DEPTHS = {  # depth -> (block, blocks per stage), He et al. 2015 Table 1 (+ v2's 200)
@@ -113,6 +114,8 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_group_size: int = 0
+    drop_path_rate: float = 0.0
+    head_dropout_rate: float = 0.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -132,8 +135,18 @@ class ResNet(nn.Module):
         per_group = _exact_int(per_group, 'stage width x width_multiplier x base_width / 64')
         return stage_width * self.expansion, per_group * self.groups
 
+    def drop_path_rates(self) -> list[float]:
+        """Stochastic depth rate of each block, in order: rising linearly from
+        drop_path_rate / L for the first of L blocks to drop_path_rate for the last
+        (Huang et al. 2016's linear decay of the survival probability)."""
+        total = sum(self.stage_sizes)
+        return [self.drop_path_rate * k / total for k in range(1, total + 1)]
+
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool,
+                 return_features: bool = False) -> jnp.ndarray | dict[str, jnp.ndarray]:
+        """Logits; with `return_features`, a dict of the stem's and each stage's output
+        ('stem', 'stage1', ..., 'logits'), NHWC in the model's dtype, for backbone users."""
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=blocks.conv_kernel_init,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         norm_kwargs = dict(use_running_average=not train, momentum=self.bn_momentum,
@@ -149,26 +162,51 @@ class ResNet(nn.Module):
             se = functools.partial(blocks.SqueezeExcite, ratio=self.se_ratio, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
         block_cls = blocks.block_class(self.block, self.preactivation)
+        drop_rates = iter(self.drop_path_rates())
 
         x = jnp.asarray(x, self.dtype)
         x = blocks.stem(x, kind=self.stem, width=self.stem_width, conv=conv, norm=norm, act=act,
                         preactivation=self.preactivation)
+        feature_maps = {'stem': x}
         stages = zip(self.stage_sizes, self.stage_widths, strict=True)
         for i, (size, width) in enumerate(stages, start=1):
             features, inner = self.block_widths(width)
             for j in range(1, size + 1):
+                rate = next(drop_rates)
+                drop_path = (functools.partial(blocks.DropPath, rate=rate, deterministic=not train)
+                             if rate > 0 else None)
                 x = block_cls(
                     features=features, inner_features=inner,
                     strides=2 if i > 1 and j == 1 else 1,
                     conv=conv, norm=norm, act=act, shortcut=self.shortcut,
                     avg_down=self.avg_down, zero_init_last_bn=self.zero_init_last_bn,
                     groups=self.groups, stride_placement=self.stride_placement, se=se,
-                    name=f'stage{i}_block{j}')(x)
+                    drop_path=drop_path, name=f'stage{i}_block{j}')(x)
+            feature_maps[f'stage{i}'] = x
         if self.preactivation:
             x = act(norm(name='final_bn')(x))
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-                        name='head')(x)
+        x = nn.Dropout(self.head_dropout_rate, deterministic=not train, name='head_dropout')(x)
+        logits = classifier(self.num_classes, self.param_dtype)(x)
+        return {**feature_maps, 'logits': logits} if return_features else logits
+
+
+def classifier(num_classes: int, param_dtype: Any = jnp.float32) -> nn.Dense:
+    """The head: a float32 dense layer on the pooled features (the `head` params)."""
+    return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=param_dtype, name='head')
+
+
+def replace_head(model: ResNet, variables: Mapping[str, Any], num_classes: int,
+                 rng: jax.Array) -> tuple[ResNet, dict[str, Any]]:
+    """`model` and its `variables` with a freshly initialised head for `num_classes` classes;
+    every other array is kept as it is (the same objects). For a new task in memory; a run
+    does the same from a checkpoint with `config.init_from`."""
+    head = variables['params']['head']
+    in_features = head['kernel'].shape[0]
+    fresh = classifier(num_classes, model.param_dtype).init(
+        rng, jnp.zeros((1, in_features), jnp.float32))['params']
+    params = {**variables['params'], 'head': fresh}
+    return model.clone(num_classes=num_classes), {**variables, 'params': params}
 
 
 def _exact_int(value: float, what: str) -> int:
@@ -212,6 +250,12 @@ def _validate(m: ResNet) -> None:
                          'block output zeros (there is no identity to pass x on); turn one off')
     if m.stem == 'deep' and m.stem_width % 2:
         raise ValueError(f'model.stem_width={m.stem_width} must be even for the deep stem')
+    for field in ('drop_path_rate', 'head_dropout_rate'):
+        if not 0 <= getattr(m, field) < 1:
+            raise ValueError(f'model.{field}={getattr(m, field)} must be in [0, 1); 0 turns it off')
+    if m.shortcut == 'none' and m.drop_path_rate > 0:
+        raise ValueError("model.drop_path_rate > 0 with shortcut='none': a plain block has no "
+                         'identity to fall back on when its branch is dropped; use a shortcut')
     if not 0 <= m.se_ratio < 1:
         raise ValueError(f'model.se_ratio={m.se_ratio} must be in [0, 1); 0 turns SE off')
     if m.bn_group_size < 0:
@@ -273,7 +317,8 @@ def resolve(fields: Mapping[str, Any]) -> dict[str, Any]:
         base_width=int(cfg['base_width']), se_ratio=float(cfg['se_ratio']),
         dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']],
         bn_momentum=float(cfg['bn_momentum']), bn_epsilon=float(cfg['bn_epsilon']),
-        bn_group_size=int(cfg['bn_group_size']),
+        bn_group_size=int(cfg['bn_group_size']), drop_path_rate=float(cfg['drop_path_rate']),
+        head_dropout_rate=float(cfg['head_dropout_rate']),
     )
 
 

@@ -65,13 +65,20 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == hard_labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def _model_rngs(rng: jax.Array) -> dict[str, jax.Array]:
+    """The random streams of the model in training (head dropout, stochastic depth)."""
+    dropout, drop_path = jax.random.split(rng)
+    return {'dropout': dropout, 'drop_path': drop_path}
+
+
 def _loss_and_updates(model: nn.Module, params, batch_stats, batch: Batch, cfg: StepConfig,
-                      multiplier: jax.Array):
+                      multiplier: jax.Array, rng: jax.Array):
     logits, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats},
         batch['image'],
         train=True,
         mutable=['batch_stats'],
+        rngs=_model_rngs(rng),
     )
     # `multiplier` is 1, or the float16 loss scale, or NaN at the test-only debug step.
     loss = jnp.mean(cross_entropy(logits, batch['label'], cfg.label_smoothing)) * multiplier
@@ -80,12 +87,12 @@ def _loss_and_updates(model: nn.Module, params, batch_stats, batch: Batch, cfg: 
 
 
 def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_sharding,
-               multiplier: jax.Array):
+               multiplier: jax.Array, rng: jax.Array):
     """Mean loss gradient over the batch, in `grad_accum_steps` sequential micro-batches."""
     grad_fn = jax.value_and_grad(_loss_and_updates, argnums=1, has_aux=True)
     if cfg.grad_accum_steps == 1:
         (loss, (batch_stats, top1)), grads = grad_fn(model, params, batch_stats, batch, cfg,
-                                                     multiplier)
+                                                     multiplier, rng)
         return loss, top1, batch_stats, grads
 
     k = cfg.grad_accum_steps
@@ -97,16 +104,19 @@ def _gradients(model, params, batch_stats, batch: Batch, cfg: StepConfig, batch_
 
     micro_batches = jax.tree.map(split, batch)
 
-    def accumulate(carry, micro):
+    def accumulate(carry, indexed_micro):
         grads_sum, loss_sum, top1_sum, stats = carry
+        index, micro = indexed_micro
         micro = jax.lax.with_sharding_constraint(micro, batch_sharding)
-        (loss, (stats, top1)), grads = grad_fn(model, params, stats, micro, cfg, multiplier)
+        (loss, (stats, top1)), grads = grad_fn(model, params, stats, micro, cfg, multiplier,
+                                               jax.random.fold_in(rng, index))
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
         return (grads_sum, loss_sum + loss, top1_sum + top1, stats), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (zeros, jnp.zeros(()), jnp.zeros(()), batch_stats)
-    (grads, loss, top1, batch_stats), _ = jax.lax.scan(accumulate, init, micro_batches)
+    (grads, loss, top1, batch_stats), _ = jax.lax.scan(accumulate, init,
+                                                       (jnp.arange(k), micro_batches))
     grads = jax.tree.map(lambda g: g / k, grads)
     return loss / k, top1 / k, batch_stats, grads
 
@@ -137,8 +147,9 @@ def train_step(
     scaler = state.loss_scale  # float16 compute only: the loss is scaled, the gradients unscaled
     multiplier = poison if scaler is None else poison * scaler.scale
     batch = device_augment.train_batch(batch, state.step, cfg.augment)
+    rng = jax.random.fold_in(state.rng, state.step)  # a pure function of (seed, step)
     loss, top1, batch_stats, grads = _gradients(
-        model, state.params, state.batch_stats, batch, cfg, batch_sharding, multiplier
+        model, state.params, state.batch_stats, batch, cfg, batch_sharding, multiplier, rng
     )
     if scaler is not None:
         loss, grads = loss / scaler.scale, precision.unscale(scaler, grads)
