@@ -3,6 +3,7 @@
     python docs/build_lesson.py              # lesson.md + docs/img/*.png, from the code (~1 min)
     python docs/build_lesson.py --measure    # first train and time on digits (~15 min, 2 cores)
     python docs/build_lesson.py --out /tmp/lesson.md --no-images   # what tests/test_lesson.py runs
+    python docs/build_lesson.py --degradation DIR   # store a finished degradation sweep's runs
 
 Every python block of the lesson is executed here and followed by what it printed; every `$`
 command is run as a subprocess and followed by its stdout. Shapes, parameter counts, MACs and
@@ -34,6 +35,9 @@ sys.path.insert(0, str(REPO))
 
 LESSON = REPO / 'docs' / 'lesson.md'
 RESULTS = REPO / 'docs' / 'lesson_results.json'
+# The plain-vs-residual sweep (configs/ablations/degradation.py), stored by --degradation DIR.
+DEGRADATION = REPO / 'docs' / 'degradation_results.json'
+DEGRADATION_SWEEP = 'configs/ablations/degradation.py'
 
 # ---------------------------------------------------------------------------------------------
 # Measurements (--measure)
@@ -154,6 +158,31 @@ def measure(partial: Path) -> dict[str, Any]:
     )
 
 
+def collect_degradation(sweep_dir: Path) -> dict[str, Any]:
+    """The degradation sweep's runs as `resnet_flax.sweep --report` gathers them: final train
+    and eval numbers of finished runs, train-loss curves and per-block gradient norms of all."""
+    import jax
+
+    from resnet_flax import metrics, sweep
+
+    runs = []
+    for record in sweep.report(sweep_dir)['runs']:
+        model = record['config']['model']
+        train = metrics.read_metrics(record['workdir'], 'train')
+        runs.append(dict(
+            variant=record['variant'], seed=record['seed'], depth=model['depth'],
+            plain=model['shortcut'] == 'none', finished=record['finished'],
+            step=train[-1]['step'] if train else 0, final_step=record['final_step'],
+            train_loss=record['train_loss'], train_top1=record['train_top1'],
+            top1=record['top1'], eval_loss=record['loss'],
+            wall_time_sec=record['wall_time_sec'],
+            train_curve=[[s, round(v, 6)] for s, v in record['train_curve']],
+            grad_norms=record['grad_norms']))
+    return dict(sweep=DEGRADATION_SWEEP, machine=dict(
+        backend=jax.default_backend(), cpus=os.cpu_count(), jax=jax.__version__,
+        note='2 CPU cores shared with other jobs (load average 15-20)'), runs=runs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the lesson's code
 
@@ -256,6 +285,10 @@ def _verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # The lesson, section by section
 
+# What the stored degradation runs show, in words (the numbers above them are the file's).
+DEGRADATION_VERDICT = 'TODO'
+GRADIENT_VERDICT = 'TODO'
+
 
 def header(results: dict[str, Any]) -> str:
     return f"""# Residual blocks, runnable: the lesson in this codebase's terms
@@ -351,6 +384,101 @@ is the previous block's ReLU output). A block of the real ResNet-20 then passes 
 through unchanged, to the last bit:
 
 {identity}"""
+
+
+def _pm_cell(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return 'n/a'
+    mean, sd = _mean_sd([scale * v for v in values])
+    return f'{mean:.{digits}f}' + (f' ± {sd:.{digits}f}' if len(values) > 1 else '')
+
+
+def _loss_at(run: dict[str, Any], step: int) -> float:
+    """The train loss of the last logged window at or before `step`."""
+    return [loss for s, loss in run['train_curve'] if s <= step][-1]
+
+
+def _degradation_table(runs: list[dict[str, Any]]) -> tuple[str, dict[int, int]]:
+    """Final train loss, train and test error per (depth, plain/residual), and the train loss
+    of both at the last step every run of that depth reached (unfinished runs included)."""
+    rows, common = [], {}
+    for depth in sorted({r['depth'] for r in runs}):
+        same_depth = [r for r in runs if r['depth'] == depth]
+        common[depth] = min((r['step'] for r in same_depth if r['train_curve']), default=0)
+        for plain in (True, False):
+            group = [r for r in same_depth if r['plain'] == plain]
+            done = [r for r in group if r['finished']]
+            at_common = [_loss_at(r, common[depth]) for r in group if r['train_curve']]
+            stopped = ', '.join(f"seed {r['seed']} stopped at step {r['step']}"
+                                for r in group if not r['finished'])
+            rows.append([
+                f"{'plain' if plain else 'resnet'}{depth}", str(len(done)) + (
+                    f' ({stopped})' if stopped else ''),
+                _pm_cell([r['train_loss'] for r in done], digits=4),
+                _pm_cell([1 - r['train_top1'] for r in done], 100),
+                _pm_cell([1 - r['top1'] for r in done], 100),
+                _pm_cell(at_common, digits=4) + f' (step {common[depth]})'])
+    header = ['net', 'finished seeds', 'final train loss', 'train error (%)', 'test error (%)',
+              'train loss, all runs at one step']
+    return _table(header, rows), common
+
+
+def _grad_norm_table(runs: list[dict[str, Any]]) -> str:
+    """Gradient norm of the first and the last block, early and over training (seed means)."""
+    rows = []
+    for depth in sorted({r['depth'] for r in runs}):
+        for plain in (True, False):
+            group = [r['grad_norms'] for r in runs
+                     if r['depth'] == depth and r['plain'] == plain and r['grad_norms']]
+            if not group:
+                continue
+            cells = []
+            for when in ('first', 'mean'):
+                first = statistics.mean(g[when][0] for g in group)
+                last = statistics.mean(g[when][-1] for g in group)
+                cells += [f'{first:.3f}', f'{last:.3f}', f'{first / last:.2f}']
+            rows.append([f"{'plain' if plain else 'resnet'}{depth}", str(len(group[0]['first'])),
+                         *cells])
+    header = ['net', 'blocks', 'block 1, first window', 'last block, first window', 'ratio',
+              'block 1, whole run', 'last block, whole run', 'ratio']
+    return _table(header, rows)
+
+
+def section_degradation() -> str:
+    stored = json.loads(DEGRADATION.read_text())
+    runs = stored['runs']
+    table, _ = _degradation_table(runs)
+    return f"""
+### Without the `+`: plain networks, measured
+
+`model.shortcut='none'` builds the same blocks with no shortcut and no addition (a ReLU where
+the add-then-ReLU was): the paper's *plain* networks, with exactly the residual nets' parameters
+when the shortcuts are parameter-free (option A, the CIFAR nets). `plain20` ... `plain110` and
+`plain18`/`plain34` are named members. He et al. 2015 found that plain nets get *worse* as they
+get deeper, in training error too (so it is not overfitting): on CIFAR-10 plain-56 trains and
+tests worse than plain-20 (Fig. 6, left), while ResNet-56 beats ResNet-20 (Fig. 6, middle;
+Table 6: 8.75% / 7.51% / 7.17% / 6.97% test error for ResNet-20/32/44/56); on ImageNet plain-34
+has 28.54% top-1 error against plain-18's 27.94%, while ResNet-34 has 25.03% against ResNet-18's
+27.88% (Table 2).
+
+The sweep [`{stored['sweep']}`](../{stored['sweep']}) repeats the experiment at the scale of
+this machine ({stored['machine']['note']}): the CIFAR-style nets on the digits at 16x16, widths
+8/16/32, 15 epochs of 22 steps, option-A shortcuts, every block's gradient norm logged
+(`config.log_block_grad_norms`). Train numbers are the last logged window (11 steps, BN in
+training mode); test error is on the 360 held-out digits (one digit = 0.28 points). Mean ± sample
+std over the finished seeds:
+
+{table}
+{DEGRADATION_VERDICT}
+
+The gradient norm of each block (the L2 norm of its parameters' gradient, `grad_norm/stageI_blockJ`
+in `metrics.jsonl`), for the block next to the input and the one next to the head, in the first
+logged window (steps 1-11) and averaged over the run; mean over seeds. The plots are in
+[ablations.md](ablations.md#the-degradation-problem-plain-vs-residual-networks).
+
+{_grad_norm_table(runs)}
+{GRADIENT_VERDICT}
+"""
 
 
 def section_blocks(images: bool) -> str:
@@ -865,7 +993,8 @@ def _reflow(markdown: str, width: int = 96) -> str:
 
 
 def build(results: dict[str, Any], images: bool) -> str:
-    parts = [header(results), section_residual(), section_blocks(images), section_stages(),
+    parts = [header(results), section_residual(), section_degradation(), section_blocks(images),
+             section_stages(),
              section_names(), question_shortcut(results, images), question_budget(results),
              section_rebuild(results)]
     return _reflow('\n'.join(part.strip('\n') + '\n' for part in parts))
@@ -881,7 +1010,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--results', default=str(RESULTS), help='the stored measurements')
     parser.add_argument('--no-images', dest='images', action='store_false',
                         help='do not redraw docs/img/*.png (the test uses this)')
+    parser.add_argument('--degradation', metavar='DIR',
+                        help=f'store the runs of a {DEGRADATION_SWEEP} sweep in {DEGRADATION}')
     args = parser.parse_args(argv)
+    if args.degradation:
+        stored = collect_degradation(Path(args.degradation))
+        DEGRADATION.write_text(json.dumps(stored, indent=1) + '\n')
     results_path = Path(args.results)
     if args.measure:
         partial = results_path.with_name(results_path.stem + '.partial.json')

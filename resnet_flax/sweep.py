@@ -27,7 +27,9 @@ of the other seeds are kept). Each run's output goes to its `train.log`, its wal
 images/s as the median of the train records, wall time; mean and sample std over seeds),
 `results.csv` (the same, one row per variant), `runs.csv` (one row per run), and the plots
 `accuracy_vs_macs.png`, `accuracy_vs_params.png` and `curves.png` (train loss and eval top-1
-error against step, all variants on one figure).
+error against step, all variants on one figure). Runs that logged per-block gradient norms
+(`config.log_block_grad_norms`) also get `grad_norms.png`: each block's gradient norm against
+its depth, in the first logged window and averaged over training.
 """
 
 from __future__ import annotations
@@ -366,11 +368,38 @@ def gather_run(run: Run) -> dict[str, Any] | None:
         loss=final['loss'] if final else None,
         num_examples=final.get('num_examples') if final else None,
         train_loss=train[-1]['loss'] if final and train else None,  # the last logged window
+        train_top1=train[-1].get('top1') if final and train else None,
+        grad_norms=block_grad_norms(train),
         images_per_sec=statistics.median(speeds) if speeds else None,
         wall_time_sec=status.get('wall_time_sec'),
         train_curve=[(r['step'], r['loss']) for r in train],
         eval_curve=[(r['step'], r['top1']) for r in evals],
     )
+
+
+_BLOCK = re.compile(r'^grad_norm/stage(\d+)_block(\d+)$')
+
+
+def block_grad_norms(train: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """The gradient norm of each residual block, in depth order (input to output), in the
+    first logged window ('first') and averaged over every logged window ('mean'); {} when the
+    run did not log them."""
+    keys = sorted((k for k in (train[0] if train else {}) if _BLOCK.match(k)),
+                  key=lambda k: tuple(int(n) for n in _BLOCK.match(k).groups()))
+    if not keys:
+        return {}
+    return dict(first=[float(train[0][k]) for k in keys],
+                mean=[statistics.mean(float(r[k]) for r in train) for k in keys])
+
+
+def _mean_profiles(profiles: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-block gradient norms averaged over seeds."""
+    profiles = [p for p in profiles if p]
+    if not profiles:
+        return {}
+    return {when: [statistics.mean(values) for values in zip(*(p[when] for p in profiles),
+                                                              strict=True)]
+            for when in ('first', 'mean')}
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -387,7 +416,8 @@ def _mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int
     return [(s, statistics.mean(t[s] for t in tables)) for s in shared]
 
 
-METRICS = ('top1', 'top5', 'loss', 'train_loss', 'images_per_sec', 'wall_time_sec')
+METRICS = ('top1', 'top5', 'loss', 'train_loss', 'train_top1', 'images_per_sec',
+           'wall_time_sec')
 
 
 def summarize_variants(variant_list: Sequence[Variant],
@@ -407,6 +437,7 @@ def summarize_variants(variant_list: Sequence[Variant],
             row[f'{name}_mean'], row[f'{name}_std'] = _mean_std([r[name] for r in done])
         row['train_curve'] = _mean_curve([r['train_curve'] for r in done])
         row['eval_curve'] = _mean_curve([r['eval_curve'] for r in done])
+        row['grad_norms'] = _mean_profiles([r['grad_norms'] for r in done])
         rows.append(row)
     return rows
 
@@ -420,14 +451,15 @@ def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int =
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ['variant', 'overrides', 'seeds', 'params', 'MACs', 'top-1 (%)', 'top-5 (%)',
-              'eval loss', 'train loss', 'images/s', 'wall time (s)']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * 3 + ['---:'] * 8) + '|']
+              'eval loss', 'train loss', 'train top-1 (%)', 'images/s', 'wall time (s)']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * 3 + ['---:'] * 9) + '|']
     for r in rows:
         cells = [r['variant'], f"`{r['overrides']}`" if r['overrides'] else '', str(r['seeds']),
                  f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}M",
                  _pm(r['top1_mean'], r['top1_std'], 100), _pm(r['top5_mean'], r['top5_std'], 100),
                  _pm(r['loss_mean'], r['loss_std'], digits=4),
                  _pm(r['train_loss_mean'], r['train_loss_std'], digits=4),
+                 _pm(r['train_top1_mean'], r['train_top1_std'], 100),
                  _pm(r['images_per_sec_mean'], r['images_per_sec_std'], digits=0),
                  _pm(r['wall_time_sec_mean'], r['wall_time_sec_std'], digits=0)]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -437,7 +469,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 VARIANT_COLUMNS = ['variant', 'overrides', 'seeds', 'steps', 'params', 'macs',
                    *(f'{m}_{s}' for m in METRICS for s in ('mean', 'std'))]
 RUN_COLUMNS = ['variant', 'seed', 'finished', 'step', 'final_step', 'top1', 'top5', 'loss',
-               'train_loss', 'images_per_sec', 'wall_time_sec', 'workdir']
+               'train_loss', 'train_top1', 'images_per_sec', 'wall_time_sec', 'workdir']
 
 
 def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -507,6 +539,36 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: epath.Path, title: str) ->
     _save(fig, path)
 
 
+def plot_grad_norms(rows: Sequence[dict[str, Any]], path: epath.Path, title: str) -> None:
+    """Gradient norm of each block against its depth (block 1 is next to the input), in the
+    first logged window and averaged over training; mean over seeds, log scale."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    fig = Figure(figsize=(10, 4), layout='constrained')
+    axes = fig.subplots(1, 2, sharey=True)
+    rows = [r for r in rows if r['grad_norms']]
+    # One colour per depth (the number of blocks); dashed lines for plain nets.
+    depths = sorted({len(r['grad_norms']['first']) for r in rows})
+    for row in rows:
+        norms = row['grad_norms']
+        style = '--' if 'plain' in row['variant'] or 'none' in row['overrides'] else '-'
+        color = f"C{depths.index(len(norms['first']))}"
+        for ax, when in zip(axes, ('first', 'mean'), strict=True):
+            ax.plot(range(1, len(norms[when]) + 1), norms[when], style, marker='o',
+                    markersize=3, color=color, label=row['variant'], linewidth=1.2)
+    for ax, what in zip(axes, ('first logged window', 'mean over training'), strict=True):
+        ax.set_yscale('log')
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(1, 0.4)))
+        ax.set(xlabel='block (1 = next to the input)', title=f'gradient norm per block: {what}')
+        ax.grid(alpha=0.3, which='both')
+    axes[0].set_ylabel('L2 norm of the block\'s gradient')
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def report(workdir: epath.PathLike, variant_list: Sequence[Variant] | None = None,
            seed_list: Sequence[int] | None = None) -> dict[str, Any]:
     """Writes results.md, results.csv, runs.csv and the plots into `workdir`.
@@ -560,6 +622,9 @@ def report(workdir: epath.PathLike, variant_list: Sequence[Variant] | None = Non
     plot_accuracy(rows, 'params', files['accuracy_vs_params.png'],
                   f'top-1 vs parameters: {sweep_file}')
     plot_curves(rows, files['curves.png'], f'training curves: {sweep_file}')
+    if any(r['grad_norms'] for r in rows):
+        files['grad_norms.png'] = workdir / 'grad_norms.png'
+        plot_grad_norms(rows, files['grad_norms.png'], f'gradient flow: {sweep_file}')
     return dict(rows=rows, runs=records, files=files)
 
 

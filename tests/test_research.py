@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_flax import blocks, models, steps, train
+from resnet_flax import blocks, models, steps, sweep, train
 from resnet_flax.state import TrainState
 from tests.tiny import tiny_config
 
@@ -24,17 +24,27 @@ def _train_records(workdir) -> list[dict]:
     return [r for r in map(json.loads, lines) if r['split'] == 'train']
 
 
-def test_block_grad_norms_are_logged_and_make_up_the_global_norm(tmp_path):
+def test_block_grad_norms_are_logged_make_up_the_global_norm_and_are_plotted(tmp_path):
+    run_dir = tmp_path / 'plain' / 'seed0'  # a sweep directory of one variant and one seed
     train.train_and_evaluate(tiny_config(log_block_grad_norms=True, num_train_steps=3,
-                                         eval_every_steps=3), str(tmp_path))
-    records = _train_records(tmp_path)
+                                         eval_every_steps=3, **{'model.shortcut': 'none'}),
+                             str(run_dir))
+    records = _train_records(run_dir)
     names = {k[len('grad_norm/'):] for k in records[0] if k.startswith('grad_norm/')}
     assert names == {'stem_conv', 'stem_bn', 'stage1_block1', 'stage2_block1', 'head'}
     for record in records:  # one step per logging window: the norms of the same gradient
-        blocks = [record[f'grad_norm/{name}'] for name in names]
-        assert all(b > 0 for b in blocks)
-        assert math.sqrt(sum(b * b for b in blocks)) == pytest.approx(record['grad_norm'],
-                                                                       rel=1e-5)
+        norms = [record[f'grad_norm/{name}'] for name in names]
+        assert all(n > 0 for n in norms)
+        assert math.sqrt(sum(n * n for n in norms)) == pytest.approx(record['grad_norm'],
+                                                                      rel=1e-5)
+    result = sweep.report(tmp_path)
+    [row] = result['rows']
+    blocks_in_order = ['grad_norm/stage1_block1', 'grad_norm/stage2_block1']
+    assert row['grad_norms']['first'] == [records[0][k] for k in blocks_in_order]
+    assert row['grad_norms']['mean'] == pytest.approx(
+        [sum(r[k] for r in records) / len(records) for k in blocks_in_order])
+    assert row['train_top1_mean'] == records[-1]['top1']
+    assert result['files']['grad_norms.png'].read_bytes()[:4] == b'\x89PNG'
 
 
 def test_block_grad_norms_are_off_by_default(tmp_path):
