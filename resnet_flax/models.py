@@ -7,6 +7,19 @@
     variables = model.init(rng, images, train=False)                # NHWC float images
     logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
 
+As a backbone (detection, segmentation, transfer)::
+
+    maps = model.apply(variables, images, train=False, return_features=True)
+    maps['stage1'], ..., maps['stage4']   # NHWC feature maps at strides 4, 8, 16, 32 (ImageNet
+                                          # stem); also maps['stem'] and maps['logits']
+    model, variables = models.replace_head(model, variables, num_classes=37, rng=key)
+
+`replace_head` keeps every array but the head's (a fresh dense layer for the new class count);
+a training run does the same from a checkpoint with `config.init_from`. Regularisers for
+training: `drop_path_rate` (stochastic depth, rising linearly over the blocks; the train step
+provides the 'drop_path' RNG stream) and `head_dropout_rate` (dropout before the head, the
+'dropout' stream); both are the identity at eval.
+
 Logits are float32 whatever `model.dtype` is (the head runs in float32, for the loss).
 
 Parameter tree (1:1 with torchvision's state dict; stages and blocks count from 1)::

@@ -129,7 +129,8 @@ def test_train_step_randomness_is_a_function_of_seed_and_step():
                        rng=jax.random.PRNGKey(7))
     step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
                                      learning_rate_fn=lambda s: 0.1, cfg=steps.StepConfig()))
-    batch = {'image': x, 'label': jnp.arange(8) % 5}
+    pixels = jax.random.randint(jax.random.key(3), (8, 16, 16, 3), 0, 256)
+    batch = {'image': pixels.astype(jnp.uint8), 'label': jnp.arange(8) % 5}  # as the loaders send
     loss = lambda s: float(step(s, batch)[1]['loss'])
     assert loss(state) == loss(state)
     assert loss(state) != loss(state.replace(step=jnp.array(4)))
