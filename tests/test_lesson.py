@@ -75,3 +75,21 @@ def test_measurement_configs_are_the_quick_start_with_the_experiments_model():
     assert config.seed == 1 and config.data.image_size == builder.PROTOCOL['image_size']
     assert config.num_epochs == builder.PROTOCOL['num_epochs']
     assert config.optimizer == quick.optimizer and config.batch_size == quick.batch_size
+
+
+def test_lesson_quotes_the_stored_degradation_runs():
+    from configs.ablations import degradation
+
+    builder = load_builder()
+    stored = json.loads(builder.DEGRADATION.read_text())
+    assert stored['sweep'] == builder.DEGRADATION_SWEEP == 'configs/ablations/degradation.py'
+    assert {r['depth'] for r in stored['runs']} == set(degradation.DEPTHS)
+    assert {r['plain'] for r in stored['runs']} == {True, False}
+    lesson = (DOCS / 'lesson.md').read_text()
+    table, _ = builder._degradation_table(stored['runs'])
+    assert table in lesson
+    assert builder._grad_norm_table(stored['runs']) in lesson
+    plain56 = [r for r in stored['runs'] if r['variant'] == 'plain56' and r['finished']]
+    resnet56 = [r for r in stored['runs'] if r['variant'] == 'resnet56' and r['finished']]
+    # What the page says in words: the deep plain net trains far worse than the residual one.
+    assert min(r['train_loss'] for r in plain56) > 10 * max(r['train_loss'] for r in resnet56)
