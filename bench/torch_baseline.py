@@ -9,9 +9,10 @@
 
 The network is the config's (`model` section): torchvision's `resnet{depth}` when torchvision is
 importable and the config is that standard member, else the same architecture built here with
-torch.nn (ImageNet stem, projection shortcuts where the shape changes, stride on the 3x3 conv:
-torchvision's layout, so parameter counts match this project's models). The step is the usual
-PyTorch one: forward under autocast, cross-entropy (with the config's label smoothing),
+torch.nn (ImageNet or CIFAR stem, projection (B) or zero-padded (A) shortcuts where the shape
+changes, stride on the 3x3 conv: torchvision's layout, so parameter counts match this project's
+models; `configs/digits.py`, the quick start, is a CIFAR ResNet-8 with A shortcuts). The step
+is the usual PyTorch one: forward under autocast, cross-entropy (with the config's label smoothing),
 backward, SGD with the config's momentum, Nesterov and weight decay (1-D parameters not
 decayed, as in this project's default), on one synthetic batch already on the device.
 
@@ -58,7 +59,7 @@ def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str
     import torch.nn as nn
 
     flax_model = models.from_config(model_cfg)
-    unsupported = dict(stem=('imagenet',), shortcut=('B',), stride_placement=('v1.5',),
+    unsupported = dict(stem=('imagenet', 'cifar'), shortcut=('A', 'B'), stride_placement=('v1.5',),
                        preactivation=(False,), avg_down=(False,), se_ratio=(0.0,))
     for field, valid in unsupported.items():
         if getattr(flax_model, field) not in valid:
@@ -88,16 +89,30 @@ def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str
                     nn.ReLU(inplace=True),
                     nn.Conv2d(inner, features, 3, 1, 1, bias=False), bn(features))
             self.shortcut = nn.Identity()
-            if stride != 1 or in_ch != features:
+            if (stride != 1 or in_ch != features) and flax_model.shortcut == 'A':
+                self.shortcut = ZeroPadShortcut(stride, features - in_ch)
+            elif stride != 1 or in_ch != features:
                 self.shortcut = nn.Sequential(
                     nn.Conv2d(in_ch, features, 1, stride, bias=False), bn(features))
 
         def forward(self, x):
             return (self.main(x) + self.shortcut(x)).relu_()
 
+    class ZeroPadShortcut(nn.Module):  # option A: strided identity, extra channels zero
+        def __init__(self, stride: int, extra: int):
+            super().__init__()
+            self.stride, self.extra = stride, extra
+
+        def forward(self, x):
+            x = x[:, :, ::self.stride, ::self.stride]
+            return nn.functional.pad(x, (0, 0, 0, 0, 0, self.extra))
+
     width = flax_model.stem_width
-    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), bn(width), nn.ReLU(inplace=True),
-              nn.MaxPool2d(3, 2, 1)]
+    if flax_model.stem == 'cifar':
+        layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), bn(width), nn.ReLU(inplace=True)]
+    else:
+        layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), bn(width), nn.ReLU(inplace=True),
+                  nn.MaxPool2d(3, 2, 1)]
     for i, (size, stage_width) in enumerate(
             zip(flax_model.stage_sizes, flax_model.stage_widths, strict=True)):
         features, inner = flax_model.block_widths(stage_width)

@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
     # example with probability drop_path_rate * l / L in training (kept ones scaled by 1/(1-p)).
     model.drop_path_rate = 0.0
     model.head_dropout_rate = 0.0  # dropout on the pooled features, before the head
+    # How convolutions are computed: 'xla' (XLA's convolution: cuDNN, the TPU), 'im2col' (image
+    # patches times the kernel, one matrix product; much faster on XLA:CPU for wide layers, see
+    # resnet_flax/conv.py), or 'auto': im2col for convs with >= 64 input channels on the CPU
+    # backend, xla elsewhere. The same results to float rounding.
+    model.conv_impl = 'auto'
 
     # ---- Data (resnet_flax/data/). Every source yields uint8 NHWC RGB images already at the
     # train (or eval) size (grayscale replicated, alpha dropped) and int32 labels. The host

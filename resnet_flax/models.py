@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_flax import blocks
+from resnet_flax import conv as conv_lib
 
 # The `model` section of configs/base.py, with the same defaults. The package does not import
 # configs/, so the schema lives here too; tests check that the two agree.
@@ -63,7 +64,7 @@ CONFIG_DEFAULTS: dict[str, Any] = dict(
     stem='', stem_width=0, shortcut='', stride_placement='v1.5', preactivation=False,
     avg_down=False, zero_init_last_bn=False, width_multiplier=1.0, groups=1, base_width=64,
     se_ratio=0.0, dtype='float32', param_dtype='float32', bn_momentum=0.9, bn_epsilon=1e-5,
-    bn_group_size=0, drop_path_rate=0.0, head_dropout_rate=0.0,
+    bn_group_size=0, drop_path_rate=0.0, head_dropout_rate=0.0, conv_impl='auto',
 )
 
 IMAGENET_DEPTHS = {  # depth -> (block, blocks per stage), He et al. 2015 Table 1 (+ v2's 200)
@@ -129,6 +130,7 @@ class ResNet(nn.Module):
     bn_group_size: int = 0
     drop_path_rate: float = 0.0
     head_dropout_rate: float = 0.0
+    conv_impl: str = 'auto'  # 'auto' | 'xla' | 'im2col'; see resnet_flax/conv.py
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -162,6 +164,9 @@ class ResNet(nn.Module):
         ('stem', 'stage1', ..., 'logits'), NHWC in the model's dtype, for backbone users."""
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=blocks.conv_kernel_init,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        conv_fn = conv_lib.conv_function(self.conv_impl)  # on CPU: GEMMs, not XLA's conv
+        if conv_fn is not None:
+            conv = functools.partial(conv, conv_general_dilated=conv_fn)
         norm_kwargs = dict(use_running_average=not train, momentum=self.bn_momentum,
                            epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.bn_group_size > 0:
@@ -241,6 +246,7 @@ def _validate(m: ResNet) -> None:
     _choice('stem', m.stem, blocks.STEMS)
     _choice('shortcut', m.shortcut, blocks.SHORTCUTS)
     _choice('stride_placement', m.stride_placement, blocks.STRIDE_PLACEMENTS)
+    _choice('conv_impl', m.conv_impl, conv_lib.CONV_IMPLS)
     sizes, widths = tuple(m.stage_sizes), tuple(m.stage_widths)
     if not sizes or len(sizes) != len(widths):
         raise ValueError(f'model.stage_widths {widths} must give one width per stage of '
@@ -332,6 +338,7 @@ def resolve(fields: Mapping[str, Any]) -> dict[str, Any]:
         bn_momentum=float(cfg['bn_momentum']), bn_epsilon=float(cfg['bn_epsilon']),
         bn_group_size=int(cfg['bn_group_size']), drop_path_rate=float(cfg['drop_path_rate']),
         head_dropout_rate=float(cfg['head_dropout_rate']),
+        conv_impl=str(cfg['conv_impl']),
     )
 
 

@@ -1,0 +1,229 @@
+"""Where the train step's time goes: XLA's per-op times by kind, and PyTorch's for comparison.
+
+    python -m bench.op_profile --config=configs/resnet18.py --batch_size_per_device=64 \
+        --image_size=32 --dtype=float32 --steps=3 --with_torch
+
+Runs the trainer's jitted step (`bench.common`) under `jax.profiler`, reads the trace, and adds
+up the time of each compiled op (one thunk of the XLA:CPU runtime, or one kernel on a GPU) by
+what it does. The kind comes from the op's HLO in the compiled step:
+
+- `conv fwd`, `conv bwd-input`, `conv bwd-filter`: a convolution (alone or in a fusion). The
+  backward ones come from `transpose(jvp(...))`; the filter gradient is the one whose window
+  spans the whole input (its output has the kernel's shape).
+- `dot`: matrix products (the classifier head).
+- `reduce`: fusions with a reduction (BN statistics and their gradients, the loss, norms).
+- `layout copy`: plain transposes and copies (operands re-laid-out for a library call).
+- `transpose fusion`: elementwise work (mostly BN's backward) fused with such a transpose.
+- `elementwise`: other fusions (BN normalise, ReLU, adds, the optimizer update).
+
+With `--with_torch`, the same network's PyTorch step (`bench.torch_baseline`) runs under
+`torch.profiler`, its ATen ops grouped the same way where PyTorch separates them (one
+`convolution_backward` gives both gradients there). Per-op times include what other processes
+take from a shared CPU, so read the shares, not the absolute milliseconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+from absl import app, flags
+
+from bench import common
+from resnet_flax import cli
+
+FLAGS = common.FLAGS
+flags.DEFINE_bool('with_torch', False, "Also profile PyTorch's step on the same network.")
+flags.DEFINE_integer('top', 12, 'How many of the slowest single ops to list.')
+
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) (\w[\w-]*)\((.*)$')
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) ')
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    """Lines of each computation of an HLO module text, and the name of the entry one."""
+    comps: dict[str, list[str]] = {}
+    entry, current = '', None
+    for line in hlo.splitlines():
+        if line and not line.startswith(' ') and '{' in line:
+            match = _COMPUTATION.match(line)
+            current = match.group(1) if match else None
+            if current and line.startswith('ENTRY'):
+                entry = current
+            if current:
+                comps[current] = []
+        elif current and line.startswith(' '):
+            comps[current].append(line)
+    return comps, entry
+
+
+def _conv_kind(conv: str, context: str) -> str:
+    """Forward, input gradient or filter gradient, from the convolution's HLO line and the text
+    around it (the fusion's body and call, whose metadata names the jax op)."""
+    window = re.search(r'window=\{size=(\d+)x(\d+)', conv)
+    # The filter gradient convolves over the whole activation: its window is large, while a
+    # forward or input-gradient window is the kernel (at most 7x7 here).
+    if window and int(window.group(1)) * int(window.group(2)) > 49:
+        return 'conv bwd-filter'
+    if 'lhs_dilate' in conv or ' reverse(' in context:
+        return 'conv bwd-input'
+    if 'transpose(' not in context:
+        return 'conv fwd'
+    shape = re.match(r'\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]', conv)
+    dims = [int(d) for d in shape.group(1).split(',')] if shape and shape.group(1) else []
+    # A 1x1 kernel's filter gradient: output [1,1,in,out] (or a permutation with 1x1 spatial).
+    return 'conv bwd-filter' if dims.count(1) >= 2 else 'conv bwd-input'
+
+
+def classify(hlo: str) -> dict[str, str]:
+    """The kind of each top-level op of the compiled step, by name."""
+    comps, entry = _computations(hlo)
+    kinds = {}
+    for line in comps.get(entry, []):
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, _, opcode, rest = match.groups()
+        body = [line]
+        if opcode == 'fusion':
+            called = re.search(r'calls=%([\w.-]+)', rest)
+            body = comps.get(called.group(1), []) if called else []
+        kinds[name] = _kind_of(opcode, body, line)
+    return kinds
+
+
+def _kind_of(opcode: str, body: list[str], call: str) -> str:
+    text = '\n'.join(body)
+    convs = [line for line in body if ' convolution(' in line]
+    if convs:
+        return _conv_kind(convs[-1], text + '\n' + call)
+    if ' dot(' in text:
+        return 'dot'
+    if ' reduce(' in text or ' reduce-window(' in text or ' select-and-scatter(' in text:
+        return 'reduce'
+    if ' transpose(' in text and opcode == 'fusion':
+        return 'transpose fusion'  # elementwise work written in a library's layout
+    if opcode in ('copy', 'transpose') or (opcode == 'fusion' and all(
+            re.search(r' (parameter|copy|transpose|bitcast|constant)\(', line) for line in body)):
+        return 'layout copy'
+    if opcode == 'fusion' or opcode in ('add', 'multiply', 'maximum', 'select', 'broadcast'):
+        return 'elementwise'
+    return 'other'
+
+
+def _trace_events(directory: Path) -> list[dict[str, Any]]:
+    files = sorted(directory.rglob('*.trace.json.gz'))
+    if not files:
+        raise RuntimeError(f'jax.profiler wrote no trace under {directory}.')
+    with gzip.open(files[-1]) as f:
+        return json.load(f)['traceEvents']
+
+
+def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, list]:
+    """ms per step of each kind, and the slowest single ops, from a jax.profiler trace."""
+    compiled, _ = common.compile_step(setup)
+    kinds = classify(compiled.as_text())
+    runner = common.TrainRunner(setup)
+    runner(max(warmup, 1))
+    with tempfile.TemporaryDirectory() as directory:
+        jax.profiler.start_trace(directory)
+        runner(steps)
+        jax.profiler.stop_trace()
+        events = _trace_events(Path(directory))
+    per_kind: collections.Counter = collections.Counter()
+    per_op: collections.Counter = collections.Counter()
+    for event in events:
+        name = event.get('name', '')
+        if event.get('ph') == 'X' and name in kinds:
+            per_kind[kinds[name]] += event['dur'] / 1e3 / steps
+            per_op[name] += event['dur'] / 1e3 / steps
+    top = [dict(op=name, kind=kinds[name], ms_per_step=round(ms, 2))
+           for name, ms in per_op.most_common(FLAGS.top)]
+    return dict(per_kind), top
+
+
+_TORCH_KINDS = (  # ATen op name pieces -> kind, first match wins
+    ('convolution_backward', 'conv bwd (input+filter)'),
+    ('conv', 'conv fwd'),
+    ('batch_norm', 'batch norm'),
+    ('addmm', 'dot'), ('mm', 'dot'), ('linear', 'dot'),
+    ('sgd', 'optimizer'), ('_foreach', 'optimizer'),
+    ('max_pool', 'reduce'), ('mean', 'reduce'), ('sum', 'reduce'), ('softmax', 'reduce'),
+    ('cross_entropy', 'reduce'), ('nll', 'reduce'),
+    ('relu', 'elementwise'), ('threshold', 'elementwise'), ('add', 'elementwise'),
+    ('mul', 'elementwise'), ('copy', 'layout copy'), ('clone', 'layout copy'),
+)
+
+
+def profile_torch(config, steps: int, warmup: int) -> tuple[dict, list]:
+    """ms per step of each kind of PyTorch's step on the same network (ATen self times)."""
+    import torch
+
+    from bench import torch_baseline
+
+    setup = torch_baseline.TorchSetup(config, 'no', 'no', 0, True)
+    setup(max(warmup, 1))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        setup(steps)
+    per_kind: collections.Counter = collections.Counter()
+    per_op: collections.Counter = collections.Counter()
+    for item in prof.key_averages():
+        if not item.key.startswith('aten::'):
+            continue
+        ms = item.self_cpu_time_total / 1e3 / steps
+        per_op[item.key] += ms
+        kind = next((k for piece, k in _TORCH_KINDS if piece in item.key), 'other')
+        per_kind[kind] += ms
+    top = [dict(op=name, ms_per_step=round(ms, 2)) for name, ms in per_op.most_common(FLAGS.top)]
+    return dict(per_kind), top
+
+
+def _shares(per_kind: dict[str, float]) -> dict[str, dict[str, float]]:
+    total = sum(per_kind.values()) or 1.0
+    return {k: dict(ms_per_step=round(v, 2), share=round(v / total, 3))
+            for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    config = common.config_from_flags()
+    setup = common.setup_train(config)
+    per_kind, top = profile_jax(setup, FLAGS.steps, FLAGS.warmup)
+    result = dict(benchmark='op_profile', **common.describe_config(config, setup.model),
+                  jax_ms_per_step=round(sum(per_kind.values()), 1), jax=_shares(per_kind),
+                  jax_top=top, env=common.environment())
+    if FLAGS.with_torch:
+        torch_kinds, torch_top = profile_torch(config, FLAGS.steps, FLAGS.warmup)
+        result.update(torch_ms_per_step=round(sum(torch_kinds.values()), 1),
+                      torch=_shares(torch_kinds), torch_top=torch_top)
+    if FLAGS.json:
+        common.report(result, True)
+        return
+    print(_table(result), flush=True)
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = [f"{result['model']}, batch {result['batch_size']}, {result['image_size']} px"]
+    for side in ('jax', 'torch'):
+        if side not in result:
+            continue
+        lines.append(f"\n{side}: {result[side + '_ms_per_step']} ms/step in ops")
+        lines += [f"  {k:26s} {v['ms_per_step']:10.1f} ms  {100 * v['share']:5.1f}%"
+                  for k, v in result[side].items()]
+        lines.append('  slowest ops:')
+        lines += [f"    {t['op']:40s} {t.get('kind', ''):16s} {t['ms_per_step']:9.1f} ms"
+                  for t in result[side + '_top']]
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    common.define_flags(steps_default=3, windows_default=1)
+    cli.run(main)  # bad input: a one-line error, no traceback

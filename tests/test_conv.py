@@ -1,0 +1,73 @@
+"""The im2col convolution (resnet_flax/conv.py) is XLA's convolution, values and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from resnet_flax import conv, models
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+@pytest.mark.parametrize('kernel, stride, pad, size, channels', [
+    (3, 1, 1, 6, 5),   # a basic block's 3x3
+    (3, 2, 1, 7, 4),   # strided, odd size (the last row and column are not reached)
+    (1, 2, 0, 6, 3),   # a projection shortcut
+    (7, 2, 3, 9, 3),   # the ImageNet stem
+    (3, 1, 1, 1, 8),   # a 1x1 feature map, where XLA:CPU's conv is slowest
+])
+def test_im2col_matches_xla_convolution_and_its_gradients(kernel, stride, pad, size, channels):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (2, size, size, channels))
+    w = jax.random.normal(keys[1], (kernel, kernel, channels, 6))
+    pads = ((pad, pad), (pad, pad))
+
+    def loss(fn, x, w):
+        y = fn(x, w, (stride, stride), pads, dimension_numbers=NHWC)
+        return jnp.sum(y * jax.random.normal(keys[2], y.shape)), y
+
+    (_, want), want_grads = jax.value_and_grad(
+        lambda x, w: loss(lax.conv_general_dilated, x, w), (0, 1), has_aux=True)(x, w)
+    (_, got), got_grads = jax.value_and_grad(
+        lambda x, w: loss(conv.conv_general_dilated, x, w), (0, 1), has_aux=True)(x, w)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for g, w_ in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-4)
+
+
+def test_unsupported_convolutions_go_to_xla_unchanged():
+    x = jnp.ones((1, 5, 5, 4))
+    w = jnp.ones((3, 3, 2, 4))  # two groups
+    got = conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
+                                    feature_group_count=2)
+    want = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
+                                    feature_group_count=2)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_conv_impl_selects_the_computation_not_the_result():
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    outputs = {}
+    for impl in conv.CONV_IMPLS:
+        model = models.create('resnet18', num_classes=5, stage_widths=(8, 16, 32, 64),
+                              stem_width=8, conv_impl=impl)
+        variables = model.init(jax.random.PRNGKey(0), images, train=False)
+        lowered = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False)).lower(
+            variables, images).as_text()
+        outputs[impl] = (model.apply(variables, images, train=False),
+                         lowered.count('stablehlo.convolution'))
+    assert outputs['xla'][1] == 20 and outputs['im2col'][1] == 0
+    # auto on the CPU: GEMMs from 64 input channels on (stage 4's convs and projection).
+    assert 0 < outputs['auto'][1] < 20
+    for impl in ('auto', 'im2col'):
+        np.testing.assert_allclose(outputs[impl][0], outputs['xla'][0], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_conv_impl_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"model.conv_impl='cudnn' is not valid"):
+        models.create('resnet18', conv_impl='cudnn')
