@@ -9,7 +9,7 @@ to `lax.conv_general_dilated` unchanged.
 
 Why: XLA:CPU runs convolutions through its own kernels, which are very slow on the small
 feature maps of a ResNet's last stages (a 3x3 conv on 2x2 or 1x1 maps with 256-512 channels took
-6-12x as long as this formulation; BENCHMARKS.md, section 7), while a GEMM goes to a tuned
+6-12x as long as this formulation; BENCHMARKS.md, section 10), while a GEMM goes to a tuned
 library. Autodiff then turns the backward pass into GEMMs too: the input gradient is
 dy @ kernel^T scattered back by the slices' transposes (pads and adds), and the kernel gradient
 is patches^T @ dy, instead of a convolution whose window spans the whole activation. Results
@@ -32,7 +32,7 @@ from jax import lax
 CONV_IMPLS = ('auto', 'xla', 'im2col')
 
 # 'auto' on the CPU: im2col for convs with at least this many input channels, XLA's conv for the
-# thin early layers, where XLA's conv measured as fast or faster (BENCHMARKS.md, section 7).
+# thin early layers, where XLA's conv measured as fast or faster (BENCHMARKS.md, section 10).
 AUTO_MIN_CHANNELS = 64
 
 
