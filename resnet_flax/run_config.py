@@ -16,8 +16,10 @@ A resume compares the new config with the saved one, field by field:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -66,9 +68,29 @@ def load(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     if saved is None:
         raise FileNotFoundError(f'{epath.Path(workdir) / CONFIG_FILE} does not exist, so the '
                                 'config of that run is unknown; pass --config (and its overrides).')
-    config = ml_collections.ConfigDict(_tuples(saved))
+    config = with_defaults(saved)
     config.lock()
     return config
+
+
+def with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A saved config with the fields added to configs/base.py since it was written at their
+    defaults, so runs of older code still evaluate, resume and report."""
+    config = _base_config()
+    with config.unlocked():
+        config.update(_tuples(dict(saved)))
+    return config
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    """configs/base.py's defaults (the one schema), or an empty config outside a checkout."""
+    path = Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
+    if not path.exists():
+        return ml_collections.ConfigDict()
+    spec = importlib.util.spec_from_file_location('resnet_flax_base_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _tuples(value: Any) -> Any:

@@ -55,6 +55,7 @@ import ml_collections
 from etils import epath
 
 from resnet_flax import metrics as metrics_lib
+from resnet_flax import run_config as run_config_lib
 
 SWEEP_FIELDS = ('axes', 'seeds')  # a sweep file's fields that are not training config
 SWEEP_FILE = 'sweep.json'  # in DIR: the variants and seeds, so --report needs no --sweep
@@ -355,7 +356,7 @@ def gather_run(run: Run) -> dict[str, Any] | None:
     if not config_path.exists():
         return None
     config = json.loads(config_path.read_text())
-    last_step = final_step(config)
+    last_step = final_step(run_config_lib.with_defaults(config))
     train = _latest_by_step(metrics_lib.read_metrics(run.workdir, 'train'))
     evals = _latest_by_step(metrics_lib.read_metrics(run.workdir, 'eval'))
     final = next((r for r in evals if r['step'] == last_step), None)
