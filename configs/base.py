@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model = ml_collections.ConfigDict()
     model.family = 'imagenet'  # 'imagenet' or 'cifar': which depth table, stem and widths apply
     model.depth = 50  # imagenet: 18, 34, 50, 101, 152, 200; cifar: 6n+2 (20, 32, 44, 56, 110)
-    model.num_classes = 1000
+    model.num_classes = 1000  # a data set with another class count overrides it (announced)
     model.block = ''  # '' (from depth) | 'basic' | 'bottleneck'
     model.stage_sizes = ()  # blocks per stage, any length; () = from depth
     model.stage_widths = ()  # base width of each stage; () = family default
@@ -70,7 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.dataset = 'digits'
     data.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the image folder root
     data.train_split = 'train'  # TFDS split syntax works: 'train[:99%]'
-    data.eval_split = 'test'  # imagenet2012 calls it 'validation'; a train slice: 'train[99%:]'
+    # imagenet2012 calls it 'validation'; a train slice: 'train[99%:]'. Missing, with exactly
+    # one other split in the data: that one is used (announced).
+    data.eval_split = 'test'
     data.image_size = 224  # train crop size (and eval's unless eval_image_size is set)
     # Eval crop size; 0 = image_size. Low-resolution training (FFCV, FixRes: train 160-192,
     # test 224) sets image_size=176, eval_image_size=224.
@@ -185,6 +187,8 @@ def get_config() -> ml_collections.ConfigDict:
     opt.schedule = 'cosine'  # 'cosine' | 'step' | 'polynomial' | 'constant'
     opt.warmup_epochs = 5.0
     opt.warmup_steps = 0  # > 0 overrides warmup_epochs
+    # A warmup as long as the whole run is an error naming a value that fits, not clamped:
+    # a clamped warmup would silently become a different schedule than the one configured.
     opt.end_learning_rate_factor = 0.0  # cosine and polynomial end at this fraction of the peak
     opt.step_epochs = (30, 60, 80)  # step: multiply the rate by step_factor at these epochs
     opt.step_factor = 0.1

@@ -23,6 +23,7 @@ from etils import epath
 
 from resnet_flax import (
     checkpoint,
+    config_checks,
     data,
     evaluate,
     input_wait,
@@ -205,13 +206,12 @@ def _make_workdir(workdir: epath.Path) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
     workdir = epath.Path(workdir)
-    validate_config(config)
-    info = data.get_info(config.data)  # a missing dataset fails here, before any compile
-    if info.num_classes != config.model.num_classes:
-        raise ValueError(
-            f'config.model.num_classes={config.model.num_classes} but {config.data.dataset!r} '
-            f'has {info.num_classes} classes; set --config.model.num_classes={info.num_classes}.'
-        )
+    # Fields the data makes obvious are inferred (and announced); every other problem is
+    # named in one error, before any compile or any file in the workdir.
+    config, info, notes = config_checks.resolve(config, workdir, validate_config)
+    if jax.process_index() == 0:
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
     _make_workdir(workdir)
     with _workdir_locked(workdir):
         return _train_and_evaluate(config, workdir, info)

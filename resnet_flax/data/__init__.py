@@ -81,6 +81,31 @@ def get_info(data_cfg) -> DatasetInfo:
     return _source(data_cfg).get_info(data_cfg)
 
 
+def split_names(data_cfg) -> tuple[str, ...] | None:
+    """The split names the data set has, or None where they are not listed (digits,
+    synthetic, held-out image folders, a TFDS data set that is not there)."""
+    if data_cfg.dataset == 'image_folder':
+        from resnet_flax.data import image_folder
+
+        return image_folder.split_names(data_cfg)
+    if data_cfg.dataset == 'prepared':
+        from resnet_flax.data import grain_source, store
+
+        try:
+            return tuple(store.read_info(grain_source._store_root(data_cfg)).splits)  # noqa: SLF001
+        except (FileNotFoundError, ValueError):
+            return None
+    if data_cfg.dataset in info_lib.BUILT_IN:
+        return None
+    import tensorflow_datasets as tfds
+
+    try:
+        found = tfds.builder(data_cfg.dataset, data_dir=data_cfg.data_dir)
+        return tuple(found.info.splits) if found.is_prepared() else None
+    except Exception:  # noqa: BLE001 - not there: get_info names the problem
+        return None
+
+
 def normalization(data_cfg) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) float32 [3] in [0, 1] pixel units: the config's, or the data set's own."""
     if data_cfg.dataset == 'digits':

@@ -309,3 +309,15 @@ def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index:
                 deterministic=True)
     ds = ds.batch(local).prefetch(tf_pipeline.prefetch(data_cfg))
     return tf_pipeline.as_numpy(ds.with_options(tf_pipeline.options(data_cfg)))
+
+
+def split_names(data_cfg) -> tuple[str, ...] | None:
+    """The splits the folder offers: ROOT/<name>/CLASS/ folders (only the train split for
+    ROOT/CLASS/*), or None with data.holdout_fraction > 0 (the eval split is then held out)."""
+    root = epath.Path(data_cfg.data_dir)
+    if data_cfg.holdout_fraction > 0 or not data_cfg.data_dir or not root.is_dir():
+        return None
+    train_dir = root / data_cfg.train_split
+    if not (train_dir.is_dir() and _class_dirs(train_dir)):
+        return (data_cfg.train_split,)  # ROOT/CLASS/*: the whole folder is the train split
+    return tuple(d.name for d in _class_dirs(root) if _class_dirs(d))

@@ -1,0 +1,91 @@
+"""Adapting a config to a new image folder through the real command line: what the data makes
+obvious (its class count, its only eval split) is used and announced in one line; everything
+else is named in one error, before anything is written to the workdir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.tiny import TINY_FLAGS, cpu_env, override_flags, run_script
+
+CLASSES = ('ant', 'bee', 'cat')
+FLAGS = {**TINY_FLAGS, 'data.dataset': 'image_folder', 'batch_size': 8, 'num_train_steps': 2,
+         'eval_every_steps': 2, 'checkpoint_every_steps': 2, 'log_every_steps': 2}
+
+
+def _folder(root: Path, splits: dict[str, int]) -> Path:
+    """ROOT/<split>/<class>/*.png: `count` tiny images per class in each split."""
+    rng = np.random.default_rng(0)
+    for split, count in splits.items():
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (12, 12, 3)) + 80 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f'{i}.png')
+    return root
+
+
+def _train(workdir: Path, data_dir: Path, *extra: str, check: bool = True):
+    return run_script('train.py', [f'--workdir={workdir}', '--config=configs/digits.py',
+                                   f'--config.data.data_dir={data_dir}',
+                                   *override_flags(FLAGS), *extra],
+                      env=cpu_env(), timeout=600, check=check)
+
+
+def _lines(stderr: str, text: str) -> list[str]:
+    return [line for line in stderr.splitlines() if text in line]
+
+
+@pytest.mark.slow
+def test_class_count_is_inferred_announced_saved_and_resumed(tmp_path):
+    data_dir = _folder(tmp_path / 'folder', {'train': 8, 'test': 2})
+    workdir = tmp_path / 'run'
+    first = _train(workdir, data_dir)  # configs/digits.py says 10 classes
+    announced = _lines(first.stderr, 'config.model.num_classes=10')
+    assert len(announced) == 1, first.stderr[-3000:]
+    assert 'has 3 classes: using 3' in announced[0]
+    assert '--config.model.num_classes=3' in announced[0]
+    saved = json.loads((workdir / 'config.json').read_text())
+    assert saved['model']['num_classes'] == 3  # the config saved is the one that trained
+
+    # The same command again: the saved run is accepted as this config's (no refusal, no
+    # config change) and reported complete.
+    again = _train(workdir, data_dir)
+    assert 'is already complete: step 2 of 2' in again.stderr, again.stderr[-3000:]
+    assert len(_lines(again.stderr, 'using 3')) == 1
+    assert 'Config changed' not in again.stderr
+    assert not list(workdir.glob('config.until-step-*.json'))
+
+
+@pytest.mark.slow
+def test_the_only_other_split_folder_is_the_eval_split(tmp_path):
+    data_dir = _folder(tmp_path / 'folder', {'train': 8, 'val': 2})
+    workdir = tmp_path / 'run'
+    result = _train(workdir, data_dir, '--config.model.num_classes=3')
+    announced = _lines(result.stderr, "config.data.eval_split='test'")
+    assert len(announced) == 1, result.stderr[-3000:]
+    assert "evaluating on 'val'" in announced[0]
+    assert not _lines(result.stderr, 'num_classes')  # set right: nothing to announce
+    records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    assert any(r['split'] == 'eval' and r['step'] == 2 for r in records)
+    assert json.loads((workdir / 'config.json').read_text())['data']['eval_split'] == 'val'
+
+
+def test_every_problem_is_named_in_one_error_and_nothing_is_written(tmp_path):
+    data_dir = _folder(tmp_path / 'folder', {'train': 4, 'val': 1, 'test': 1})
+    workdir = tmp_path / 'run'
+    result = _train(workdir, data_dir, '--config.data.eval_split=validation',
+                    '--config.optimizer.warmup_steps=5', check=False)
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert error.startswith('Error: 2 config problems'), error
+    assert "data.eval_split='validation'" in error and "['test', 'val']" in error
+    assert 'optimizer.warmup_steps=5' in error and 'whole run (2 steps)' in error
+    assert '--config.optimizer.warmup_steps=0 --config.optimizer.warmup_epochs=0' in error
+    assert not workdir.exists()  # failed before the workdir was made: nothing half-written
