@@ -89,3 +89,27 @@ def test_every_problem_is_named_in_one_error_and_nothing_is_written(tmp_path):
     assert 'optimizer.warmup_steps=5' in error and 'whole run (2 steps)' in error
     assert '--config.optimizer.warmup_steps=0 --config.optimizer.warmup_epochs=0' in error
     assert not workdir.exists()  # failed before the workdir was made: nothing half-written
+
+
+def test_a_folder_without_eval_images_and_a_too_large_batch_are_one_error(tmp_path):
+    from configs import digits
+    from resnet_flax import config_checks
+
+    root = tmp_path / 'folder'
+    _folder(root, {'train': 2})
+    config = digits.get_config()
+    config.data.update(dataset='image_folder', data_dir=str(root / 'train'), image_size=16)
+    config.batch_size = 8  # 6 images
+    with pytest.raises(config_checks.ConfigProblems) as error:
+        config_checks.resolve(config)
+    message = str(error.value)
+    assert message.startswith('2 config problems') and '\n' not in message
+    assert '--config.data.holdout_fraction=0.1' in message
+    assert 'batch_size=8 is larger than the train split (6 examples)' in message
+    # With images held out, the folder and this batch size fit: the held-out split is the eval.
+    config.data.holdout_fraction = 0.5
+    config.batch_size = 2
+    config.optimizer.warmup_steps = 1
+    adapted, info, notes = config_checks.resolve(config)
+    assert (info.num_train_examples, info.num_eval_examples) == (3, 3)
+    assert adapted.model.num_classes == 3 and len(notes) == 1

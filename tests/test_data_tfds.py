@@ -295,3 +295,20 @@ def test_tfrecords_need_array_record_for_grain_and_prepare_converts_them(imagene
     builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
     expected = [int(ex['label']) for ex in tfds.as_numpy(builder.as_dataset('validation'))]
     assert np.concatenate(labels).tolist() == expected
+
+
+def test_config_checks_infer_classes_and_the_only_eval_split_from_the_builder(imagenet_dir):
+    from resnet_flax import config_checks
+
+    config = configs.base.get_config()  # eval_split='test'
+    config.data.update(dataset='imagenet2012', data_dir=imagenet_dir, image_size=24)
+    config.update(batch_size=4, num_train_steps=2)
+    config.model.num_classes = 10
+    config.optimizer.warmup_epochs = 0.0
+    adapted, info, notes = config_checks.resolve(config)
+    # The builder's ClassLabel has all 1000 classes (the fixture's images use a few).
+    assert (adapted.model.num_classes, adapted.data.eval_split) == (1000, 'validation')
+    assert info.num_eval_examples == NUM_VAL
+    assert len(notes) == 2 and "evaluating on 'validation'" in notes[0]
+    assert 'has 1000 classes: using 1000' in notes[1]
+    assert (config.model.num_classes, config.data.eval_split) == (10, 'test')  # a copy
