@@ -5,6 +5,7 @@ else is named in one error, before anything is written to the workdir."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ def _lines(stderr: str, text: str) -> list[str]:
 def test_class_count_is_inferred_announced_saved_and_resumed(tmp_path):
     data_dir = _folder(tmp_path / 'folder', {'train': 8, 'test': 2})
     workdir = tmp_path / 'run'
-    first = _train(workdir, data_dir)  # configs/digits.py says 10 classes
+    command = ('--config.checkpoint_every_steps=1',)  # checkpoints at steps 1 and 2
+    first = _train(workdir, data_dir, *command)  # configs/digits.py says 10 classes
     announced = _lines(first.stderr, 'config.model.num_classes=10')
     assert len(announced) == 1, first.stderr[-3000:]
     assert 'has 3 classes: using 3' in announced[0]
@@ -53,13 +55,15 @@ def test_class_count_is_inferred_announced_saved_and_resumed(tmp_path):
     saved = json.loads((workdir / 'config.json').read_text())
     assert saved['model']['num_classes'] == 3  # the config saved is the one that trained
 
-    # The same command again: the saved run is accepted as this config's (no refusal, no
-    # config change) and reported complete.
-    again = _train(workdir, data_dir)
-    assert 'is already complete: step 2 of 2' in again.stderr, again.stderr[-3000:]
+    # As if killed before the last save: the same command resumes from step 1 (the saved
+    # config is this command's, inference included: no refusal, no config change).
+    shutil.rmtree(workdir / 'checkpoints' / '2')
+    again = _train(workdir, data_dir, *command)
+    assert 'Resumed from step 1' in again.stderr, again.stderr[-3000:]
     assert len(_lines(again.stderr, 'using 3')) == 1
     assert 'Config changed' not in again.stderr
     assert not list(workdir.glob('config.until-step-*.json'))
+    assert (workdir / 'checkpoints' / '2').is_dir()
 
 
 @pytest.mark.slow
