@@ -319,6 +319,8 @@ def trace(model: models.ResNet, image_size: int | None = None, name: str | None 
     `image_size` defaults to 32 for the CIFAR stem and 224 otherwise (as the summary does)."""
     if image_size is None:
         image_size = 32 if model.stem == 'cifar' else 224
+    # Convolutions are read from the jaxpr: draw XLA's conv, not the CPU's GEMM form of it.
+    model = model.clone(conv_impl='xla')
     images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     modules: dict[tuple[str, ...], str] = {}
