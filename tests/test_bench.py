@@ -68,6 +68,7 @@ def test_train_throughput_reports_step_speed_and_flops():
     assert math.isfinite(result['final_loss'])
 
 
+@pytest.mark.slow
 def test_inference_throughput_counts_forward_flops_only():
     result = run_bench('inference_throughput',
                        [*TINY_DIGITS, '--batch_size_per_device=16', *QUICK])
@@ -77,6 +78,7 @@ def test_inference_throughput_counts_forward_flops_only():
     assert result['mfu'] is None  # no --peak_tflops
 
 
+@pytest.mark.slow
 def test_loop_overhead_times_the_real_loop(tmp_path):
     workdir = tmp_path / 'workdir'
     # The loop jits its own step: the persistent cache saves compiling it a second time.
@@ -96,6 +98,7 @@ def test_loop_overhead_times_the_real_loop(tmp_path):
     assert any(r['split'] == 'eval' for r in records)
 
 
+@pytest.mark.slow
 def test_scaling_splits_the_work_evenly_over_devices():
     result = run_bench('scaling', [*TINY_DIGITS, '--batch_size_per_device=4',
                                    '--device_counts=1,2', *QUICK], timeout=600)
@@ -106,6 +109,7 @@ def test_scaling_splits_the_work_evenly_over_devices():
     assert rows[1]['flops_vs_1_device'] == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCH, reason='PyTorch is not installed')
 def test_torch_baseline_alternates_with_the_jax_step():
     result = run_bench('torch_baseline',
@@ -138,6 +142,7 @@ def test_torch_network_has_torchvisions_parameter_count(name, params):
     assert summary.summarize(models.from_config(model_cfg))['params'] == params
 
 
+@pytest.mark.slow
 def test_gpu_script_writes_its_json_and_table_when_nothing_fits(tmp_path):
     # BUDGET_S=0: every item is skipped, so this checks the script's plumbing (dependency
     # check, plan, records, summary) in seconds; the benchmarks themselves are tested above.

@@ -70,6 +70,7 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
 # Evaluation
 
 
+@pytest.mark.slow
 def test_eval_json_reports_the_metrics_of_the_last_in_training_eval(trained):
     # Trained on one device, evaluated on two: the split is still counted exactly once.
     result = run_script('eval.py', ['--config=configs/digits.py',
@@ -206,6 +207,7 @@ def _image_folder(root, classes=('cat', 'dog', 'fish'), per_class=2, size=32, se
     return root
 
 
+@pytest.mark.slow
 def test_convert_cli_then_eval_py_image_end_to_end(tmp_path):
     torch = pytest.importorskip('torch')
     from safetensors.torch import save_file
@@ -278,6 +280,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
             for name, leaf in flax.traverse_util.flatten_dict(tree, sep='/').items()}
 
 
+@pytest.mark.slow
 def test_init_from_a_1000_class_checkpoint_keeps_a_fresh_10_class_head(converted_1000, tmp_path,
                                                                        capsys):
     out, source = converted_1000

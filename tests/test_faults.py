@@ -33,7 +33,7 @@ from resnet_flax import checkpoint, data, models, optim, sharding, train, workdi
 from resnet_flax.state import abstract_state
 from tests.tiny import REPO, TINY_FLAGS, cpu_env, override_flags, tiny_config, train_losses
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 ROUNDS = int(os.environ.get('RF_FAULT_ROUNDS', '5'))
 SEED = int(os.environ.get('RF_FAULT_SEED', str(random.SystemRandom().randrange(2**31))))

@@ -213,6 +213,7 @@ def test_parameter_tree_names_map_onto_torchvision():
 # ---- Precision, initialisation, train/eval --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_keeps_float32_params_and_batch_stats():
     x = images()
     model16 = tiny('resnet50', dtype='bfloat16')

@@ -24,6 +24,7 @@ def _train_records(workdir) -> list[dict]:
     return [r for r in map(json.loads, lines) if r['split'] == 'train']
 
 
+@pytest.mark.slow
 def test_block_grad_norms_are_logged_make_up_the_global_norm_and_are_plotted(tmp_path):
     run_dir = tmp_path / 'plain' / 'seed0'  # a sweep directory of one variant and one seed
     train.train_and_evaluate(tiny_config(log_block_grad_norms=True, num_train_steps=3,

@@ -76,7 +76,8 @@ def test_sweep_resumes_skips_and_reports_the_runs_real_metrics(tmp_path):
     first_steps = [r['step'] for r in _records(workdir / 'narrow' / 'seed0', 'train')]
     assert first_steps == [1, 2, 3]
 
-    out = _sweep_cli(*args).stdout
+    # The runs resume with a longer schedule than they started with: a deliberate config change.
+    out = _sweep_cli(*args, '--config.allow_config_change=True').stdout
     assert out.count('resuming after step 3') == 2, out
     for variant in ('narrow', 'wide'):
         for seed in (0, 1):

@@ -57,6 +57,7 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_learnable_data(tmp_path):
     config = tiny_config(num_train_steps=60, log_every_steps=5, eval_every_steps=60,
                          checkpoint_every_steps=60, **{'optimizer.learning_rate': 1.6})
@@ -67,6 +68,7 @@ def test_loss_falls_on_learnable_data(tmp_path):
     assert summary['eval_num_examples'] == 360  # the whole test split, none dropped
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_and_config_are_written(tmp_path):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -83,6 +85,7 @@ def test_metrics_jsonl_and_config_are_written(tmp_path):
     assert any((tmp_path / 'tensorboard').iterdir())
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
     # A constant rate, so that the 3-step run's schedule is a prefix of the 6-step run's.
     constant = {'optimizer.schedule': 'constant', 'optimizer.warmup_epochs': 0.0}
@@ -124,6 +127,7 @@ def test_eval_counts_every_example_when_batches_do_not_divide_the_split(tmp_path
     assert result['top1'] == pytest.approx(top1, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     config = tiny_config(debug_nan_at_step=4, checkpoint_every_steps=2, eval_every_steps=100)
     with pytest.raises(train.NonFiniteLossError, match='last checkpoint \\(step 4\\) is intact'):
@@ -135,6 +139,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
     train.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
     before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
@@ -167,6 +172,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
     )
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_the_micro_batch_gradients():
     # Reference: the gradient of each micro-batch on its own, averaged, then one SGD update.
     config = tiny_config(**{'optimizer.momentum': 0.0, 'optimizer.weight_decay': 0.0,
@@ -253,6 +259,7 @@ def test_gradient_accumulation_updates_bn_running_averages_once_per_micro_batch(
     assert np.abs(np.asarray(got[(*path, 'var')]) - one_update).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_ema_weights_are_evaluated_alongside(tmp_path):
     summary = train.train_and_evaluate(tiny_config(ema_decay=0.5), str(tmp_path))
     assert 0.0 <= summary['eval_ema_top1'] <= 1.0
