@@ -1,6 +1,7 @@
 """Input pipeline throughput: images/s per CPU core, every loader on the same JPEG files.
 
     python -m bench.input_pipeline --images=320 --batch=32 --repeats=3 --json
+    python -m bench.input_pipeline --match='store256 train 176'   # a subset, to iterate
 
 Writes `--images` generated JPEGs of ImageNet-like sizes (500 wide, 333-500 high, ~110 KB at
 quality 90, like the average ILSVRC2012 file) into an image folder, copies them into a
@@ -9,7 +10,9 @@ times in one process, alternating, one pass over the files for each (loader, rec
 - tf: `resnet_flax.data.train_batches` / `eval_batches` with data.loader='tf' on the raw
   JPEGs (tf.data: decode fused with the inception / centre crop, resize, batch, numpy);
 - grain-DECODER: the same calls with data.loader='grain' and each available decoder, on the
-  raw JPEGs and on the prepared store (train at `--image_size` and `--low_res_size`);
+  raw JPEGs and on the prepared store (train at `--image_size` and `--low_res_size`), train
+  crops resized by PIL (data.train_resizer='pil'); grain-DECODER+cv2: the train recipes
+  again with OpenCV's resize (data.train_resizer='cv2'), where cv2 is installed;
 - pil_loop: a plain Python loop with PIL (torchvision's RandomResizedCrop, or resize the
   short side to 256 and centre-crop 224, to float32 normalised): the reference.
 Every loader decodes on `--threads` threads in this process (grain: num_workers=0), so the
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +57,8 @@ flags.DEFINE_integer('repeats', 3, 'Alternating runs of each side; the fastest i
 flags.DEFINE_float('target', 8000.0, 'Accelerator images/s to size the host for.')
 flags.DEFINE_string('folder', '', 'Where to write the JPEGs; empty = a temporary folder.')
 flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
+flags.DEFINE_string('match', '', "Only the cases whose 'LOADER SOURCE RECIPE' name this regular "
+                    "expression finds, e.g. 'store256 train 176'; empty = all.")
 
 WIDTH, HEIGHTS = jpeg_files.WIDTH, jpeg_files.HEIGHTS
 write_jpegs = jpeg_files.write_jpegs
@@ -123,12 +129,13 @@ def time_reference(paths: list[Path], recipe: str, size: int, batch: int) -> dic
 # ---- the loaders: the real pipelines on the same files.
 
 def pipeline_config(folder: Path, size: int, threads: int, loader: str = 'tf',
-                    decoder: str = 'auto', dataset: str = 'image_folder'):
+                    decoder: str = 'auto', dataset: str = 'image_folder',
+                    resizer: str = 'pil'):
     cfg = configs.base.get_config().data
     cfg.update(dataset=dataset, data_dir=str(folder), image_size=size,
                holdout_fraction=0.0, eval_split='train', verify_images=False,
                threadpool_size=threads, num_parallel_calls=threads, loader=loader,
-               decoder=decoder, num_workers=0)
+               decoder=decoder, train_resizer=resizer, num_workers=0)
     return cfg
 
 
@@ -158,11 +165,18 @@ def best(runs: list[dict], clock: str) -> float:
 
 
 def decoders() -> list[str]:
-    import importlib.util
-
     found = ['pil', 'pil_draft']
     if importlib.util.find_spec('simplejpeg') is not None:
         found.append('simplejpeg')
+    return found
+
+
+def grain_variants(recipe: str) -> list[tuple[str, str, str]]:
+    """(loader name, decoder, train resizer): every decoder with PIL's resize, and on the
+    train recipe each again with OpenCV's where it is installed (eval resizes with PIL)."""
+    found = [(f'grain-{decoder}', decoder, 'pil') for decoder in decoders()]
+    if recipe == 'train' and importlib.util.find_spec('cv2') is not None:
+        found += [(f'grain-{decoder}+cv2', decoder, 'cv2') for decoder in decoders()]
     return found
 
 
@@ -177,21 +191,25 @@ def cases(folder: Path, store: Path, threads: int) -> list[tuple[str, str, str, 
         if importlib.util.find_spec('tensorflow') is not None:
             found.append(('tf', 'jpeg', f'{recipe} {size}', functools.partial(
                 time_loader, pipeline_config(folder, size, threads), recipe, batch, len(paths))))
-        for decoder in decoders():
-            found.append((f'grain-{decoder}', 'jpeg', f'{recipe} {size}', functools.partial(
-                time_loader, pipeline_config(folder, size, threads, 'grain', decoder), recipe,
-                batch, len(paths))))
+        for name, decoder, resizer in grain_variants(recipe):
+            cfg = pipeline_config(folder, size, threads, 'grain', decoder, resizer=resizer)
+            found.append((name, 'jpeg', f'{recipe} {size}', functools.partial(
+                time_loader, cfg, recipe, batch, len(paths))))
             sizes = (low, size) if recipe == 'train' else (size,)
             for crop in sizes:
-                cfg = pipeline_config(store, crop, threads, 'grain', decoder, 'prepared')
-                found.append((f'grain-{decoder}', f'store{FLAGS.store_side}',
-                              f'{recipe} {crop}', functools.partial(
-                                  time_loader, cfg, recipe, batch, len(paths))))
+                cfg = pipeline_config(store, crop, threads, 'grain', decoder, 'prepared',
+                                      resizer)
+                found.append((name, f'store{FLAGS.store_side}', f'{recipe} {crop}',
+                              functools.partial(time_loader, cfg, recipe, batch,
+                                                len(paths))))
     return found
 
 
 def measure(folder: Path, store: Path, threads: int) -> list[dict]:
-    todo = cases(folder, store, threads)
+    todo = [case for case in cases(folder, store, threads)
+            if re.search(FLAGS.match, ' '.join(case[:3]))]
+    if not todo:
+        raise app.UsageError(f'--match={FLAGS.match!r} selects no case.')
     runs: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
     for _ in range(FLAGS.repeats):  # alternate: every case once per round
         for i, (_, _, _, run) in enumerate(todo):

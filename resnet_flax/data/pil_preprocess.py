@@ -27,10 +27,18 @@ uses the fast integer DCT, as the tf.data decoder does (INTEGER_FAST). Resizing 
 filter named by data.resize_method ('bilinear' by default; 'area' is PIL's box filter, ~1.5x
 faster when downscaling), which smooths when downscaling (as data.antialias=True in TF): the
 reduced-scale decoders differ from 'pil' by a few grey levels, not in content.
+
+Train crops may instead be resized by OpenCV (data.train_resizer='cv2'; 'auto' picks it where
+cv2 is installed): its SIMD resize is ~5x PIL's, the largest single cost of a train example
+from a prepared store (BENCHMARKS.md section 7). It resizes a view of the decoded array
+straight into the batch, with INTER_LINEAR when enlarging and INTER_AREA (an area average,
+so smoothed as PIL's filters are) when either side shrinks: within ~1 grey level of PIL's
+bilinear on average. Eval always resizes with PIL: its numbers on a checkpoint must not move.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import math
@@ -40,10 +48,13 @@ import numpy as np
 from PIL import Image
 
 DECODERS = ('auto', 'pil', 'pil_draft', 'simplejpeg')
+RESIZERS = ('auto', 'pil', 'cv2')
 # data.resize_method (tf.image.resize's names) -> PIL's filter.
 FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
            'area': Image.Resampling.BOX, 'nearest': Image.Resampling.NEAREST,
            'lanczos3': Image.Resampling.LANCZOS, 'lanczos5': Image.Resampling.LANCZOS}
+# data.resize_method names OpenCV can follow (train_resizer='cv2'); the lanczos ones are PIL's.
+CV2_METHODS = ('bilinear', 'bicubic', 'area', 'nearest')
 JPEG_MAGIC = b'\xff\xd8\xff'
 CHANNELS = 3
 
@@ -67,6 +78,23 @@ def resolve_decoder(name: str) -> str:
     if name == 'simplejpeg' and not has_simplejpeg:
         raise ValueError("data.decoder='simplejpeg' but simplejpeg is not installed: "
                          "pip install simplejpeg, or use data.decoder='pil_draft'.")
+    return name
+
+
+def resolve_resizer(name: str, method: str) -> str:
+    """The train resizer 'auto' stands for: 'cv2' where OpenCV is installed and has the
+    method, else 'pil'; a one-line error for unknown, missing or unable ones."""
+    if name not in RESIZERS:
+        raise ValueError(f'data.train_resizer={name!r} is not one of {RESIZERS}.')
+    has_cv2 = importlib.util.find_spec('cv2') is not None
+    if name == 'auto':
+        return 'cv2' if has_cv2 and method in CV2_METHODS else 'pil'
+    if name == 'cv2' and not has_cv2:
+        raise ValueError("data.train_resizer='cv2' but OpenCV is not installed: pip install "
+                         "opencv-python-headless, or use data.train_resizer='pil'.")
+    if name == 'cv2' and method not in CV2_METHODS:
+        raise ValueError(f"data.train_resizer='cv2' has no data.resize_method={method!r} (it "
+                         f"has {CV2_METHODS}): use data.train_resizer='pil'.")
     return name
 
 
@@ -98,6 +126,16 @@ def _min_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]
     return (math.ceil(width * size / max(box[2], 1)), math.ceil(height * size / max(box[3], 1)))
 
 
+def _halving_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]:
+    """The decoded (width, height) at the largest of the scales 1, 1/2, 1/4, 1/8 that keeps
+    the crop at least `size`: libjpeg-turbo has SIMD code for these, and its other scales
+    (7/8 to 3/8), which simplejpeg picks for the smallest fit, decode slower than 1/1."""
+    min_width, min_height = _min_decoded(shape, box, size)
+    room = min(shape[0] // min_width, shape[1] // min_height)
+    factor = next(f for f in (8, 4, 2, 1) if f <= max(room, 1))
+    return math.ceil(shape[0] / factor), math.ceil(shape[1] / factor)
+
+
 def _scaled(box: Box, factor_x: float, factor_y: float) -> tuple[float, float, float, float]:
     """PIL's (left, top, right, bottom) of `box` in an image scaled by the factors."""
     left, top, width, height = box
@@ -120,10 +158,10 @@ def _pil_window(encoded: bytes, box: Box, size: int, reduce: bool,
 
 
 def _simplejpeg_window(encoded: bytes, shape: tuple[int, int], box: Box, size: int,
-                       method: Image.Resampling) -> np.ndarray | None:
+                       method: Image.Resampling, halving: bool) -> np.ndarray | None:
     import simplejpeg
 
-    min_width, min_height = _min_decoded(shape, box, size)
+    min_width, min_height = (_halving_decoded if halving else _min_decoded)(shape, box, size)
     try:
         pixels = simplejpeg.decode_jpeg(encoded, colorspace='RGB', fastdct=True,
                                         min_width=min_width, min_height=min_height)
@@ -134,13 +172,70 @@ def _simplejpeg_window(encoded: bytes, shape: tuple[int, int], box: Box, size: i
                    method)
 
 
+def decode_array(encoded: bytes, box: Box, size: int, decoder: str,
+                 shape: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3]: the whole image, decoded at the smallest of the scales 1, 1/2, 1/4,
+    1/8 that keeps `box` at least `size` on each side (the full scale with decoder 'pil')."""
+    if decoder == 'simplejpeg' and is_jpeg(encoded):
+        import simplejpeg
+
+        min_width, min_height = _halving_decoded(shape, box, size)
+        try:
+            return simplejpeg.decode_jpeg(encoded, colorspace='RGB', fastdct=True,
+                                          min_width=min_width, min_height=min_height)
+        except ValueError:  # CMYK and other JPEGs libjpeg-turbo will not convert: PIL's turn
+            pass
+    with _open(encoded) as image:
+        if decoder != 'pil' and image.format == 'JPEG':  # draft: 1/2, 1/4, 1/8 only
+            image.draft('RGB', _min_decoded(shape, box, size))
+        return np.asarray(image.convert('RGB'))
+
+
+@functools.cache
+def _cv2():
+    import cv2
+
+    cv2.setNumThreads(1)  # the loader's threads and workers are the parallelism (budget.py)
+    return cv2
+
+
+def _cv2_flag(cv2, method: str, crop: tuple[int, int], size: int) -> int:
+    """OpenCV's interpolation: the method when enlarging; an area average when either side
+    shrinks, which smooths as PIL's filters do (INTER_LINEAR would alias)."""
+    if method == 'nearest':
+        return cv2.INTER_NEAREST
+    if method == 'area' or max(crop) > size:
+        return cv2.INTER_AREA
+    return cv2.INTER_CUBIC if method == 'bicubic' else cv2.INTER_LINEAR
+
+
+def cv2_window(pixels: np.ndarray, shape: tuple[int, int], box: Box, size: int, method: str,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [size, size, 3]: `box` (in the original `shape`'s pixels) of the decoded
+    `pixels`, resized by OpenCV into `out` when given. The box snaps to whole decoded pixels."""
+    cv2 = _cv2()
+    height, width = pixels.shape[:2]
+    left, top, right, bottom = (round(v) for v in _scaled(box, width / shape[0],
+                                                          height / shape[1]))
+    right, bottom = min(max(right, left + 1), width), min(max(bottom, top + 1), height)
+    crop = pixels[top:bottom, left:right]
+    flag = _cv2_flag(cv2, method, (right - left, bottom - top), size)
+    resized = cv2.resize(crop, (size, size), dst=out, interpolation=flag)
+    if out is not None and resized is not out:  # cv2 declined the buffer (not contiguous)
+        out[...] = resized
+        return out
+    return resized
+
+
 def decode_window(encoded: bytes, box: Box, size: int, decoder: str,
                   shape: tuple[int, int] | None = None,
-                  method: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
-    """uint8 [size, size, 3]: the `box` of the image, resized. `decoder` is resolved."""
+                  method: Image.Resampling = Image.Resampling.BILINEAR,
+                  halving: bool = False) -> np.ndarray:
+    """uint8 [size, size, 3]: the `box` of the image, resized. `decoder` is resolved.
+    `halving` keeps simplejpeg to its fast scales (train; eval keeps the smallest fit)."""
     if decoder == 'simplejpeg' and is_jpeg(encoded):
         found = _simplejpeg_window(encoded, shape or image_shape(encoded, decoder), box, size,
-                                   method)
+                                   method, halving)
         if found is not None:
             return found
     return _pil_window(encoded, box, size, decoder != 'pil', method)
@@ -185,18 +280,37 @@ def pad_crop(image: np.ndarray, rng: random.Random, padding: int) -> np.ndarray:
     return padded[top:top + height, left:left + width]
 
 
-def train_example(encoded: bytes, rng: random.Random, recipe) -> np.ndarray:
-    """uint8 [S, S, 3] of one train example; `recipe` is a Recipe (grain_source.py)."""
+def _into(out: np.ndarray | None, image: np.ndarray) -> np.ndarray:
+    if out is None:
+        return image
+    out[...] = image
+    return out
+
+
+def train_window(encoded: bytes, box: Box, shape: tuple[int, int], recipe,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [S, S, 3]: `box` of a train image, resized by the recipe's train_resizer."""
+    size, decoder = recipe.image_size, recipe.decoder
+    if recipe.train_resizer == 'cv2':
+        pixels = decode_array(encoded, box, size, decoder, shape)
+        return cv2_window(pixels, shape, box, size, recipe.resize_method, out)
+    return _into(out, decode_window(encoded, box, size, decoder, shape,
+                                    resize_filter(recipe.resize_method), halving=True))
+
+
+def train_example(encoded: bytes, rng: random.Random, recipe,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [S, S, 3] of one train example (written into `out` when given); `recipe` is a
+    Recipe (grain_source.py)."""
     shape = image_shape(encoded, recipe.decoder)
-    method = resize_filter(recipe.resize_method)
     if recipe.train_crop == 'inception':
         box = inception_box(shape, rng, recipe.area_range, recipe.aspect_range)
-        return decode_window(encoded, box, recipe.image_size, recipe.decoder, shape, method)
-    image = decode_window(encoded, whole_box(shape), recipe.image_size, recipe.decoder, shape,
-                          method)
-    if recipe.train_crop == 'pad':
-        image = pad_crop(image, rng, recipe.crop_padding)
-    return image
+    else:
+        box = whole_box(shape)
+    if recipe.train_crop == 'pad' and recipe.crop_padding:
+        image = train_window(encoded, box, shape, recipe)
+        return _into(out, pad_crop(image, rng, recipe.crop_padding))
+    return train_window(encoded, box, shape, recipe, out)
 
 
 def torchvision_center_crop(encoded: bytes, size: int, resize_size: int) -> np.ndarray:
