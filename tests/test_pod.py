@@ -1,5 +1,6 @@
 """Two processes on localhost (jax.distributed), as on a pod: every process restores the same
-checkpoint when only one of them fails to read the newest.
+checkpoint when only one of them fails to read the newest, and the TFDS pipeline gives each
+process its own share of the data, through the whole loop.
 
 The read failures are real failures of the real read path, in one process only:
 $RESNET_FLAX_INJECT_READ_FAULT (checkpoint.py) makes that process's reads raise a dropped
@@ -8,6 +9,7 @@ connection, or flips a bit of what it read so that the checksum check finds it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -36,12 +38,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(flags: list[str], workdir, env_of_process=None) -> list[str]:
-    """train.py as processes 0 and 1 of one run; returns their stderr."""
+def _two_processes(flags: list[str], workdir, env_of_process=None,
+                   command: tuple[str, ...] = ('train.py',)) -> list[str]:
+    """train.py (or `command`) as processes 0 and 1 of one run; returns their output."""
     port = _free_port()
+    workdir_flags = [f'--workdir={workdir}'] if workdir is not None else []
     procs = [
         subprocess.Popen(
-            [sys.executable, str(REPO / 'train.py'), *flags, f'--workdir={workdir}',
+            [sys.executable, *command, *flags, *workdir_flags,
              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
              f'--process_id={i}'],
             cwd=REPO, env=cpu_env(1, **(env_of_process or {}).get(i, {})),
@@ -112,3 +116,76 @@ def test_storage_errors_are_retried_and_only_damage_is_moved_aside(tmp_path, mon
     restored = checkpoint.restore_latest(manager, target)
     np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(64.0))
     assert [p.name.split('-')[0] for p in quarantine.iterdir()] == ['2']
+
+
+# ---- The TFDS source on 2 processes: each reads its own disjoint share of the split.
+
+@pytest.fixture(scope='module')
+def imagenet_dir(tmp_path_factory):
+    from tests.imagenet_fixture import make_imagenet
+
+    # 12 train images (3 steps of 4 per epoch), 9 validation images: shares of 5 and 4.
+    return make_imagenet(tmp_path_factory.mktemp('imagenet'), num_classes=3, train_per_class=4,
+                         val_per_class=3, image_size=(40, 48))
+
+
+def _fingerprints(images: np.ndarray) -> list[bytes]:
+    """One key per image (the fixture's images are noisy, so no two are alike)."""
+    return [bytes(image) for image in images.reshape(-1, *images.shape[-3:])]
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_shares_in_a_resumable_order_and_eval_counts_once(
+        imagenet_dir, tmp_path):
+    """Each process of a real 2-process job asks for batches as the loop and the eval do."""
+    from resnet_flax import data
+    from tests import pod_pipeline
+
+    _two_processes([f'--data_dir={imagenet_dir}', f'--out={tmp_path}'], None,
+                   command=('-m', 'tests.pod_pipeline'))
+    got = [dict(np.load(tmp_path / f'process-{i}.npz')) for i in range(2)]
+    assert [int(g['process_index']) for g in got] == [0, 1]
+
+    # (a) One epoch: the two shares are disjoint and together are the whole train split.
+    deterministic = pod_pipeline.config_for(imagenet_dir, **pod_pipeline.DETERMINISTIC)
+    split = np.concatenate([b['image'] for b in data.eval_batches(
+        deterministic.data, global_batch_size=4, split='train')])
+    shares = [_fingerprints(g['share_image']) for g in got]
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(_fingerprints(split))
+
+    # (c) A resumed run asks for the batches from its step on: the same ones, on each process.
+    for g in got:
+        np.testing.assert_array_equal(g['resumed_image'],
+                                      g['order_image'][pod_pipeline.RESUME_STEP:])
+        np.testing.assert_array_equal(g['resumed_label'],
+                                      g['order_label'][pod_pipeline.RESUME_STEP:])
+    assert not np.array_equal(got[0]['order_image'], got[1]['order_image'])
+
+    # (b) Eval: the same number of batches everywhere, every example exactly once, padding
+    # masked out.
+    assert got[0]['eval_mask'].shape == got[1]['eval_mask'].shape
+    assert sum(int(g['eval_mask'].sum()) for g in got) == 9
+    evaluated = [image for g in got for image in _fingerprints(g['eval_image'][g['eval_mask']])]
+    single = np.concatenate([b['image'][b['mask']] for b in data.eval_batches(
+        deterministic.data, global_batch_size=4)])
+    assert sorted(evaluated) == sorted(_fingerprints(single))
+
+
+@pytest.mark.slow
+def test_train_py_on_two_processes_trains_on_tfds_and_evaluates_every_example(
+        imagenet_dir, tmp_path):
+    flags = ['--config=configs/digits.py', *override_flags({
+        **TINY_FLAGS, 'data.dataset': 'imagenet2012', 'data.data_dir': imagenet_dir,
+        'data.eval_split': 'validation', 'data.train_crop': 'inception',
+        'data.shuffle_buffer_size': 16, 'model.num_classes': 1000, 'batch_size': 4,
+        'eval_batch_size': 4})]
+    workdir = tmp_path / 'run'
+    outputs = _two_processes(flags, workdir)
+    assert 'on 2 devices in 2 processes' in outputs[0], outputs[0][-2000:]
+    records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
+    evals = [r for r in records if r['split'] == 'eval']
+    assert [(r['step'], r['num_examples']) for r in evals] == [(3, 9), (6, 9)]
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(workdir), read_only=True)
+    assert manager.all_steps() == [3, 6]
