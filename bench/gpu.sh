@@ -7,19 +7,33 @@
 #   4. XLA flags from the JAX GPU performance tips (latency-hiding scheduler, Triton GEMM off / on
 #      for any GEMM, autotune level 0), and ghost (per-device) BN vs the default global BN;
 #   5. the training loop's overhead over the bare step (bench.loop_overhead), if time is left.
+# And, third in priority (after 1-2): end to end, ResNet-50 bf16 training through the real
+# trainer (train.train_and_evaluate) on JPEG files generated on the machine, through the
+# TensorFlow-free grain loader (worker processes on every core, the best decoder installed),
+# from the JPEGs and from a prepared store (longest side 256), beside the same trainer on
+# synthetic data: images/s and input_wait_fraction of each (bench.input_bound); the target is
+# >= 8,000 img/s per H200.
 # Items run in that order of priority, each in its own process; an item that would not finish
-# inside the budget is skipped and says so. Results: $OUT/gpu_results.json (every item's numbers
-# and the ratios), $OUT/gpu_results.txt (the table, also printed last), $OUT/gpu_log.txt (stderr).
+# inside the budget is skipped and says so. ONLY='name1 name2' runs just the items whose names
+# start with one of those (the rest are recorded as skipped). Results: $OUT/gpu_results.json
+# (every item's numbers and the ratios), $OUT/gpu_results.txt (the table, also printed last),
+# $OUT/gpu_log.txt (stderr).
 #
 #   bash bench/gpu.sh                     # OUT defaults to ./bench_out
 #   SMOKE=1 bash bench/gpu.sh             # the same plan on a tiny model, on CPU: checks the script
 #
-# The machine must already have JAX (with CUDA), Flax, optax, orbax-checkpoint and PyTorch; this
-# script never installs or upgrades them. Other missing pure-Python packages (ml-collections,
-# tensorboardX) are installed, without network, from wheels in bench/.whl/ or .whl/ (only those
-# whose distribution is not installed) into /tmp/site. Environment knobs: BUDGET_S, BATCH,
-# PEAK_TFLOPS (per-GPU bf16 peak for MFU; default 790, the measured H200 bf16 matmul rate),
-# PYTHON, OUT.
+# The machine must already have JAX (with CUDA), Flax, optax, orbax-checkpoint, PyTorch,
+# torchvision, NumPy, absl-py and etils; this script never installs or upgrades them. The rest
+# (ml-collections, tqdm, tensorboardX, grain and its requirements, simplejpeg) comes, without
+# network, from wheels in bench/.whl/ (git-ignored; fill it with `python -m bench.gpu_wheels
+# download` on a machine with a package index, 64 MiB at most): those that fit this Python and
+# whose distribution is not installed go into $SITE (default /tmp/site, put on PYTHONPATH),
+# with pip, or unpacked with the standard library where there is no pip (UNPACK_WHEELS=1 forces
+# that). If torch.compile fails the PyTorch item runs eager; if torchvision fails, on the
+# script's own torch.nn ResNet (the item's JSON says which: torch_path). SMOKE=1 forces
+# torch.compile with an unknown backend, so the eager fallback runs there. Environment knobs:
+# BUDGET_S, BATCH, PEAK_TFLOPS (per-GPU bf16 peak for MFU; default 790, the measured H200 bf16
+# matmul rate), E2E_IMAGES, ONLY, PYTHON, OUT, SITE.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,47 +56,36 @@ CACHE=${CACHE:-/tmp/resnet_flax_jax_cache}
 
 log() { echo "[gpu.sh $(( $(date +%s) - START ))s] $*" | tee -a "$LOG" >&2; }
 
-# ---- Missing pure-Python dependencies, from wheels carried beside the script.
-install_wheels() {
-  local dir missing
-  for dir in "$REPO/bench/.whl" "$REPO/.whl"; do
-    [ -d "$dir" ] || continue
-    missing=$("$PY" - "$dir" <<'EOF'
-import importlib.metadata as metadata
-import pathlib
-import sys
-
-# Never replaced from a wheel: the machine's own frameworks.
-KEEP = {'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'torch', 'torchvision', 'numpy'}
-for wheel in sorted(pathlib.Path(sys.argv[1]).glob('*.whl')):
-    name = wheel.name.split('-')[0].replace('_', '-').lower()
-    if name in KEEP:
-        continue
-    try:
-        metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        print(wheel)
-EOF
-)
-    if [ -n "$missing" ]; then
-      log "installing from wheels: $(echo $missing | xargs -n1 basename | tr '\n' ' ')"
-      # shellcheck disable=SC2086
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /tmp/site $missing >> "$LOG" 2>&1 || { log 'wheel install failed'; exit 1; }
-      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
-  done
+# Cores this script may use: the affinity mask (nproc), capped by a cgroup CPU quota, which a
+# container may set without narrowing the mask.
+cores() {
+  local n quota period
+  n=$(nproc)
+  if read -r quota period 2>/dev/null < /sys/fs/cgroup/cpu.max && [ "$quota" != max ]; then
+    (( (quota + period - 1) / period < n )) && n=$(( (quota + period - 1) / period ))
+  fi
+  echo "$n"
 }
-install_wheels
+CORES=$(cores)
+
+# ---- Missing pure-Python dependencies, from wheels carried beside the script.
+SITE=${SITE:-/tmp/site}
+site=$("$PY" -m bench.gpu_wheels install --target "$SITE" ${UNPACK_WHEELS:+--unpack} \
+       2> >(tee -a "$LOG" >&2)) || { log 'wheel install failed'; exit 1; }
+[ -n "$site" ] && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 if ! "$PY" -c 'import absl, etils.epath, flax, jax, ml_collections, optax, orbax.checkpoint' \
     >> "$LOG" 2>&1; then
-  log "missing packages (see $LOG): carry their wheels in .whl/"
+  log "missing packages (see $LOG): carry their wheels in bench/.whl/ (python -m bench.gpu_wheels)"
   exit 1
 fi
+for module in tqdm tensorboardX grain torch; do
+  "$PY" -c "import $module" >> "$LOG" 2>&1 || log "warning: no $module: the items needing it fail"
+done
 "$PY" - >> "$LOG" 2>&1 <<'EOF'
 import jax
 print('jax', jax.__version__, jax.devices())
 EOF
+log "$CORES cores"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
   --format=csv >> "$LOG" 2>&1 || true
 
@@ -96,12 +99,21 @@ if [ "$SMOKE" = 1 ]; then
   BATCH=${SMOKE_BATCH:-8}
   DTYPE=float32
   TIMING='--steps=2 --windows=2 --warmup=1'
+  E2E_IMAGES=${E2E_IMAGES:-32}
+  E2E_TIMING='--steps=2 --windows=2 --grain_workers=2'
+  # The GPU's torch.compile, made to fail, so that its eager fallback is what runs here.
+  TORCH_FLAGS="--torch_compile=yes --torch_compile_backend=${SMOKE_TORCH_BACKEND:-not_a_backend}"
 else
   R18='--config=configs/resnet18.py'
   R50='--config=configs/resnet50.py'
   R101='--config=configs/resnet101.py'
   DTYPE=bfloat16
   TIMING='--steps=20 --windows=5 --warmup=5'
+  # A few thousand JPEGs (~110 KB each), 5 logged windows of 20 steps (the first compiles);
+  # grain workers on every core but one (the trainer's).
+  E2E_IMAGES=${E2E_IMAGES:-4096}
+  E2E_TIMING="--steps=20 --windows=4 --grain_workers=$(( CORES > 1 ? CORES - 1 : 1 ))"
+  TORCH_FLAGS=''
   # Room for the largest batch (default 75%); the same for every JAX item.
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 fi
@@ -116,6 +128,10 @@ item() {
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
+  if [ -n "${ONLY:-}" ] && ! only "$name"; then
+    record "$name" "skipped: not in ONLY" 0 ''
+    return 1
+  fi
   local left=$(( BUDGET_S - ($(date +%s) - START) ))
   if (( left < min )); then
     log "skip $name: ${left}s of the budget left, it needs ${min}s"
@@ -138,6 +154,12 @@ item() {
   fi
   log "done $name in ${wall}s"
   record "$name" ok "$wall" "$(echo "$out" | tail -n 1)"
+}
+
+only() {
+  local want
+  for want in $ONLY; do [[ $1 == "$want"* ]] && return 0; done
+  return 1
 }
 
 record() {
@@ -177,7 +199,12 @@ EOF
 
 # 1-2: ResNet-50 at $BATCH, then PyTorch at the same batch.
 item jax_r50_train 30 200 -- bench.train_throughput $R50 --batch_size_per_device=$BATCH $COMMON
-item torch_r50_train 60 240 -- bench.torch_baseline $R50 --batch_size_per_device=$BATCH $COMMON
+item torch_r50_train 60 240 -- bench.torch_baseline $R50 --batch_size_per_device=$BATCH $COMMON \
+  $TORCH_FLAGS
+# End to end: the trainer on generated JPEGs through grain (raw and prepared) vs on synthetic data.
+item jax_r50_e2e 150 300 -- bench.input_bound $R50 --batch_size_per_device=$BATCH \
+  --dtype=$DTYPE --images=$E2E_IMAGES --loaders=synthetic,grain_mp,grain_store_mp \
+  --write_workers=$CORES $E2E_TIMING --compilation_cache_dir=$CACHE
 # 3: inference, the other depths.
 item jax_r50_inference 30 150 -- \
   bench.inference_throughput $R50 --batch_size_per_device=$BATCH $COMMON
@@ -214,6 +241,7 @@ import sys
 from bench import common
 
 MLPERF_PER_GPU = 7950  # MLPerf Training v4.0, NVIDIA MXNet + DALI, 8xH200: images/s per GPU
+E2E_TARGET_PER_GPU = 8000  # issue 12: ResNet-50 end to end on real JPEGs, per H200
 path, out = sys.argv[1:3]
 rows = [json.loads(line) for line in open(path)]
 by_item = {r['item']: r for r in rows}
@@ -226,24 +254,53 @@ def ips(name):
 
 ratios = {}
 jax50, torch50 = ips('jax_r50_train'), ips('torch_r50_train')
-if jax50 and torch50:
-    ratios['jax_over_torch_compile'] = jax50 / torch50
+if jax50 and torch50:  # against the compiled step, or the eager one where compiling failed
+    compiled = by_item['torch_r50_train'].get('torch_compile')
+    ratios[f"jax_over_torch_{'compile' if compiled else 'eager'}"] = jax50 / torch50
 if jax50:
     ratios['jax_over_mlperf_v4_per_gpu'] = jax50 / MLPERF_PER_GPU
     for name, row in by_item.items():
         if name.startswith('jax_r50_train_') and ips(name):
             ratios[f'{name}_over_default'] = ips(name) / jax50
-summary = dict(items=rows, ratios=ratios, mlperf_v4_images_per_sec_per_gpu=MLPERF_PER_GPU)
+e2e = by_item.get('jax_r50_e2e', {})
+if e2e.get('status') == 'ok':
+    loaders = {r['loader']: r for r in e2e['rows']}
+    for name, row in loaders.items():
+        if name != 'synthetic' and row.get('vs_synthetic'):
+            ratios[f'e2e_{name}_over_synthetic'] = row['vs_synthetic']
+    best = max((r for n, r in loaders.items() if n != 'synthetic'),
+               key=lambda r: r['images_per_sec'], default=None)
+    if best:
+        per_gpu = best['images_per_sec'] / e2e['devices']
+        ratios[f'e2e_{best["loader"]}_per_gpu_over_target_{E2E_TARGET_PER_GPU}'] = (
+            per_gpu / E2E_TARGET_PER_GPU)
+summary = dict(items=rows, ratios=ratios, mlperf_v4_images_per_sec_per_gpu=MLPERF_PER_GPU,
+               e2e_target_images_per_sec_per_gpu=E2E_TARGET_PER_GPU)
 with open(f'{out}/gpu_results.json', 'w') as f:
     json.dump(summary, f, indent=1)
+
+
+def table_rows(r):
+    """One table row per item; the end-to-end item gets one per loader."""
+    if 'rows' not in r:
+        return [dict(r, loop_overhead_pct=r.get('overhead_pct'),
+                     mfu_pct=100 * r['mfu'] if r.get('mfu') else None,
+                     ms=r.get('ms_per_step') or r.get('loop_ms_per_step'),
+                     images_per_sec=r.get('images_per_sec') or r.get('loop_images_per_sec'),
+                     path=r.get('torch_path'))]
+    return [dict(item=f"{r['item']} {row['loader']}", status=r['status'],
+                 batch_size=r['batch_size'], dtype=r.get('dtype'),
+                 ms=1e3 * r['batch_size'] / row['images_per_sec'],
+                 images_per_sec=row['images_per_sec'], input_wait=row['input_wait_fraction'],
+                 path=None if row['loader'] == 'synthetic' else
+                 f"{r['decoder']}, {row['workers']} workers", wall_s=r['wall_s'])
+            for row in r['rows']]
+
+
 table = common.format_table(
-    [dict(r, loop_overhead_pct=r.get('overhead_pct'),
-          mfu_pct=100 * r['mfu'] if r.get('mfu') else None,
-          ms=r.get('ms_per_step') or r.get('loop_ms_per_step'),
-          images_per_sec=r.get('images_per_sec') or r.get('loop_images_per_sec'))
-     for r in rows],
-    ['item', 'status', 'batch_size', 'dtype', 'ms', 'images_per_sec', 'mfu_pct', 'compile_s',
-     'first_step_s', 'peak_memory_bytes', 'loop_overhead_pct', 'wall_s'])
+    [t for r in rows for t in table_rows(r)],
+    ['item', 'status', 'batch_size', 'dtype', 'ms', 'images_per_sec', 'mfu_pct', 'input_wait',
+     'path', 'compile_s', 'first_step_s', 'peak_memory_bytes', 'loop_overhead_pct', 'wall_s'])
 lines = [table, '', *(f'{k}: {v:.3f}' for k, v in ratios.items())]
 with open(f'{out}/gpu_results.txt', 'w') as f:
     f.write('\n'.join(lines) + '\n')

@@ -8,7 +8,8 @@
         --image_size=112 --with_jax --steps=2 --windows=3
 
 The network is the config's (`model` section): torchvision's `resnet{depth}` when torchvision is
-importable and the config is that standard member, else the same architecture built here with
+importable and the config is that standard member, else (also when torchvision fails to import
+or to build the model, as one built for another torch does) the same architecture built here with
 torch.nn (ImageNet or CIFAR stem, projection (B) or zero-padded (A) shortcuts where the shape
 changes, stride on the 3x3 conv: torchvision's layout, so parameter counts match this project's
 models; `configs/digits.py`, the quick start, is a CIFAR ResNet-8 with A shortcuts). The step
@@ -16,7 +17,9 @@ is the usual PyTorch one: forward under autocast, cross-entropy (with the config
 backward, SGD with the config's momentum, Nesterov and weight decay (1-D parameters not
 decayed, as in this project's default), on one synthetic batch already on the device.
 
-`--torch_compile` and `--channels_last` default to on with a GPU and off on CPU. With
+`--torch_compile` and `--channels_last` default to on with a GPU and off on CPU. If
+torch.compile fails (at the call or at the first step, where it compiles), the step runs eager
+and the result says why (`torch_compile_error`). With
 `--with_jax`, windows of this project's jitted train step (`bench.common`) and of the PyTorch
 step alternate in one process, so machine noise falls on both alike, and the ratio is printed.
 Without `--with_jax`, JAX stays on the CPU (it only counts the model's multiply-accumulates);
@@ -26,12 +29,13 @@ PyTorch has room too.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from bench import common
 from resnet_flax import cli, models, optim
@@ -41,6 +45,9 @@ flags.DEFINE_enum('torch_compile', 'auto', ['auto', 'yes', 'no'],
                   'torch.compile the model; auto = yes on a GPU, no on CPU.')
 flags.DEFINE_enum('channels_last', 'auto', ['auto', 'yes', 'no'],
                   'Channels-last memory format; auto = yes on a GPU, no on CPU.')
+flags.DEFINE_string('torch_compile_backend', 'inductor',
+                    "torch.compile's backend (a name torch does not know exercises the eager "
+                    'fallback).')
 flags.DEFINE_bool('with_jax', False, "Alternate timed windows with this project's train step.")
 flags.DEFINE_bool('torchvision', True, "Use torchvision's model when it is importable.")
 flags.DEFINE_integer('torch_threads', 0, "PyTorch's CPU threads; 0 = its default (one per core).")
@@ -65,8 +72,13 @@ def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str
         if getattr(flax_model, field) not in valid:
             raise ValueError(f'model.{field}={getattr(flax_model, field)!r}: the PyTorch '
                              f'baseline builds {field} in {valid} only.')
+    fallback = 'torch.nn (bench/torch_baseline.py)'
     if use_torchvision:
-        model = _torchvision_model(flax_model, int(model_cfg.depth))
+        try:
+            model = _torchvision_model(flax_model, int(model_cfg.depth))
+        except Exception as error:  # e.g. a torchvision built for another torch: own network
+            logging.warning('torchvision failed, using the own torch.nn network: %r', error)
+            model, fallback = None, f'{fallback}; torchvision failed: {error!r:.200}'
         if model is not None:
             return model, f'torchvision.models.resnet{int(model_cfg.depth)}'
 
@@ -124,15 +136,15 @@ def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
-    return model, 'torch.nn (bench/torch_baseline.py)'
+    return model, fallback
 
 
 def _torchvision_model(flax_model: models.ResNet, depth: int):
-    """torchvision's resnet{depth} if it is importable and the config is that member."""
-    try:
-        import torchvision
-    except ImportError:
+    """torchvision's resnet{depth} if it is installed and the config is that member; raises
+    what a broken torchvision raises (importing or building the model)."""
+    if importlib.util.find_spec('torchvision') is None:
         return None
+    import torchvision
     name = f'resnet{depth}'
     if name not in models.REGISTRY or not hasattr(torchvision.models, name):
         return None
@@ -163,7 +175,8 @@ class TorchSetup:
     """The model, optimizer, one synthetic batch on the device, and a train step over them."""
 
     def __init__(self, config, compile_model: str = 'auto', channels_last: str = 'auto',
-                 threads: int = 0, use_torchvision: bool = True):
+                 threads: int = 0, use_torchvision: bool = True,
+                 compile_backend: str = 'inductor'):
         import torch
         import torch.nn.functional as F  # noqa: N812 (the usual name)
 
@@ -206,7 +219,7 @@ class TorchSetup:
             self.optimizer_impl = 'fused' if self.cuda else 'for-loop'
         except (RuntimeError, TypeError, ValueError):
             self.optimizer = torch.optim.SGD(groups, **kwargs)
-        self.model = torch.compile(model) if self.compiled else model
+        self.model = torch.compile(model, backend=compile_backend) if self.compiled else model
 
         size, batch = int(config.data.image_size), int(config.batch_size)
         generator = torch.Generator().manual_seed(config.seed)
@@ -249,13 +262,16 @@ class TorchSetup:
 
 
 def torch_result(setup: TorchSetup, config, first_step_s: float, times: list[float],
-                 flops_per_image: float) -> dict[str, Any]:
+                 flops_per_image: float, compile_error: str | None = None) -> dict[str, Any]:
     result = dict(
         benchmark='torch_train',
         source=setup.source,
         params=setup.params,
         dtype='bfloat16 autocast' if setup.autocast_dtype is not None else 'float32',
         torch_compile=setup.compiled,
+        torch_compile_error=compile_error,
+        torch_path=f"{'compiled' if setup.compiled else 'eager'}, "
+                   f"{'torchvision' if setup.source.startswith('torchvision') else 'own'}",
         sgd=setup.optimizer_impl,
         channels_last=setup.channels_last,
         image_size=int(config.data.image_size),
@@ -271,6 +287,29 @@ def torch_result(setup: TorchSetup, config, first_step_s: float, times: list[flo
         env=setup.environment(),
     )
     return result
+
+
+def start_torch(config) -> tuple[TorchSetup, float, str | None]:
+    """The PyTorch side after its first step (where torch.compile compiles), the seconds that
+    took, and why torch.compile failed if it did: then the step runs eager, on a fresh model."""
+    def first_step(compile_model: str) -> tuple[TorchSetup, float]:
+        setup = TorchSetup(config, compile_model, FLAGS.channels_last, FLAGS.torch_threads,
+                           FLAGS.torchvision, FLAGS.torch_compile_backend)
+        start = time.perf_counter()
+        setup(1)
+        return setup, time.perf_counter() - start
+
+    try:
+        return (*first_step(FLAGS.torch_compile), None)
+    except Exception as error:  # noqa: BLE001 - any compiler failure: eager is still a figure
+        import torch
+
+        if FLAGS.torch_compile == 'no' or (FLAGS.torch_compile == 'auto'
+                                           and not torch.cuda.is_available()):
+            raise
+        logging.warning('torch.compile failed, running eager: %r', error)
+        torch._dynamo.reset()  # noqa: SLF001 - drop what the failed compile cached
+        return (*first_step('no'), f'{error!r:.300}')
 
 
 def main(argv: list[str]) -> None:
@@ -289,18 +328,14 @@ def main(argv: list[str]) -> None:
 
     if FLAGS.omp_passive:
         os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # read when torch starts OpenMP
-    setup = TorchSetup(config, FLAGS.torch_compile, FLAGS.channels_last, FLAGS.torch_threads,
-                       FLAGS.torchvision)
-    start = time.perf_counter()
-    setup(1)  # torch.compile compiles here
-    first_step_s = time.perf_counter() - start
+    setup, first_step_s, compile_error = start_torch(config)
     if FLAGS.warmup:
         setup(FLAGS.warmup)
 
     if not FLAGS.with_jax:
         times = common.time_windows(setup, FLAGS.steps, FLAGS.windows, 0)
-        common.report(torch_result(setup, config, first_step_s, times, flops_per_image),
-                      FLAGS.json)
+        common.report(torch_result(setup, config, first_step_s, times, flops_per_image,
+                                   compile_error), FLAGS.json)
         return
 
     jax_setup = common.setup_train(config)
@@ -313,7 +348,8 @@ def main(argv: list[str]) -> None:
         pair = [(jax_runner, jax_times), (setup, torch_times)]
         for run, times in pair if window % 2 == 0 else reversed(pair):
             times.extend(common.time_windows(run, FLAGS.steps, 1, 0))
-    torch_out = torch_result(setup, config, first_step_s, torch_times, flops_per_image)
+    torch_out = torch_result(setup, config, first_step_s, torch_times, flops_per_image,
+                             compile_error)
     jax_out = dict(
         benchmark='jax_train',
         **common.describe_config(config, jax_setup.model),

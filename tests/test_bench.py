@@ -153,7 +153,7 @@ def test_gpu_script_writes_its_json_and_table_when_nothing_fits(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary_json = json.loads((tmp_path / 'gpu_results.json').read_text())
     items = {r['item']: r['status'] for r in summary_json['items']}
-    assert {'jax_r50_train', 'torch_r50_train', 'jax_r50_inference', 'jax_r18_train',
+    assert {'jax_r50_train', 'torch_r50_train', 'jax_r50_e2e', 'jax_r50_inference', 'jax_r18_train',
             'jax_r101_train', 'jax_r50_train_ghost_bn', 'jax_r50_loop_overhead'} <= set(items)
     assert all(status.startswith('skipped') for status in items.values())
     assert 'jax_r50_train' in (tmp_path / 'gpu_results.txt').read_text()
@@ -177,3 +177,52 @@ def test_input_pipeline_measures_every_loader_on_the_same_files():
         size = int(record['recipe'].split()[-1])
         if record['loader'].startswith('grain'):  # uint8 images and int32 labels
             assert record['bytes_per_image_to_device'] == size * size * 3 + 4
+
+
+def _write_wheel(path, name: str, version: str, files: dict[str, str]) -> None:
+    """A wheel as pip builds one: the files, NAME.data/ and NAME-VERSION.dist-info/."""
+    import zipfile
+
+    info = f'{name}-{version}.dist-info'
+    files = {**files, f'{info}/METADATA': f'Metadata-Version: 2.1\nName: {name}\n'
+             f'Version: {version}\n', f'{info}/WHEEL': 'Wheel-Version: 1.0\nRoot-Is-Purelib: '
+             'true\nTag: py3-none-any\n', f'{info}/RECORD': ''}
+    with zipfile.ZipFile(path, 'w') as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+
+
+@pytest.mark.parametrize('use_pip', [False, True])
+def test_gpu_wheels_installs_what_is_missing_and_imports_from_there(tmp_path, use_pip):
+    from bench import gpu_wheels
+
+    wheels = tmp_path / 'whl'
+    wheels.mkdir()
+    _write_wheel(wheels / 'rf_probe-1.0-py3-none-any.whl', 'rf_probe', '1.0', {
+        'rf_probe/__init__.py': 'VALUE = 42\n',
+        'rf_probe-1.0.data/purelib/rf_probe_extra.py': 'EXTRA = 7\n',
+        'rf_probe-1.0.data/scripts/rf-probe': '#!/bin/sh\n'})
+    _write_wheel(wheels / 'rf_probe-0.9-py3-none-any.whl', 'rf_probe', '0.9', {})  # older
+    _write_wheel(wheels / 'rf_old-1.0-cp27-cp27mu-linux_x86_64.whl', 'rf_old', '1.0', {})
+    _write_wheel(wheels / 'pytest-0.1-py3-none-any.whl', 'pytest', '0.1', {})  # installed
+    _write_wheel(wheels / 'jax-0.1-py3-none-any.whl', 'jax', '0.1', {})  # the image's own
+    chosen = gpu_wheels.wheels_to_install([wheels])
+    assert [w.name for w in chosen] == ['rf_probe-1.0-py3-none-any.whl']
+
+    target = tmp_path / 'site'
+    assert gpu_wheels.install(chosen, target, use_pip) == ('pip' if use_pip else 'unpacked')
+    assert not (target / 'rf_probe-1.0.data').exists()  # purelib moved up, scripts dropped
+    probe = ('import importlib.metadata, rf_probe, rf_probe_extra; '
+             'print(rf_probe.VALUE, rf_probe_extra.EXTRA, importlib.metadata.version("rf_probe"), '
+             'rf_probe.__file__)')
+    out = subprocess.run([sys.executable, '-c', probe], env={'PYTHONPATH': str(target)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:3] == ['42', '7', '1.0'] and out[3].startswith(str(target))
+    # A second run replaces its own directory; a directory it did not make is refused.
+    gpu_wheels.install(chosen, target, use_pip=False)
+    foreign = tmp_path / 'foreign'
+    foreign.mkdir()
+    (foreign / 'keep.txt').write_text('mine')
+    with pytest.raises(SystemExit, match='not made by bench/gpu_wheels.py'):
+        gpu_wheels.install(chosen, foreign, use_pip=False)
+    assert (foreign / 'keep.txt').read_text() == 'mine'
