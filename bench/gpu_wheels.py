@@ -43,6 +43,9 @@ PACKAGES = (
     'grain>=0.2.12', 'array-record>=0.8.1', 'cloudpickle', 'portpicker', 'psutil',
     'dm-tree', 'attrs', 'wrapt', 'more-itertools',  # grain's on Python 3.10 (grain 0.2.13)
     'simplejpeg>=1.8',  # libjpeg-turbo decoding (PIL comes with torchvision)
+    # The loader's train resize (~5x PIL's). One abi3 wheel for every Python; 4.12 on are
+    # 52-59 MiB, too large for the 64 MiB with the rest, 4.11 is 48 MiB.
+    'opencv-python-headless>=4.10,<4.12',
 )
 # manylinux tags of x86_64, newest first (pip does not widen a given --platform by itself).
 PLATFORMS = ('manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_24_x86_64',
@@ -200,13 +203,15 @@ def requirements(wheel: Path) -> list[str]:
     return needed
 
 
-def download(dest: Path, python_versions: list[str], platforms: list[str]) -> int:
+def download(dest: Path, python_versions: list[str], platforms: list[str],
+             skip: frozenset[str] = frozenset()) -> int:
     dest.mkdir(parents=True, exist_ok=True)
+    packages = [p for p in PACKAGES if canonical(re.match(r'[A-Za-z0-9._-]+', p)[0]) not in skip]
     for version in python_versions:
         command = [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
                    '--only-binary=:all:', '--dest', str(dest), '--python-version', version,
-                   '--implementation', 'cp', *(f'--platform={p}' for p in platforms), *PACKAGES]
-        print(f'[gpu_wheels] Python {version}: pip download {" ".join(PACKAGES)}',
+                   '--implementation', 'cp', *(f'--platform={p}' for p in platforms), *packages]
+        print(f'[gpu_wheels] Python {version}: pip download {" ".join(packages)}',
               file=sys.stderr)
         subprocess.run(command, check=True)
     wheels = sorted(dest.glob('*.whl'))
@@ -215,7 +220,7 @@ def download(dest: Path, python_versions: list[str], platforms: list[str]) -> in
         print(f'{wheel.stat().st_size / 2**20:8.2f} MiB  {wheel.name}')
     print(f'{total / 2**20:8.2f} MiB  in all, in {dest} (at most {MAX_BYTES / 2**20:.0f} MiB)')
     have = {wheel_tags(w.name)[0] for w in wheels}
-    missing = sorted({r for w in wheels for r in requirements(w)} - have - ON_THE_IMAGE)
+    missing = sorted({r for w in wheels for r in requirements(w)} - have - ON_THE_IMAGE - skip)
     if missing:
         print(f'[gpu_wheels] required but neither among the wheels nor on the GPU image: '
               f'{", ".join(missing)}: add them to PACKAGES in bench/gpu_wheels.py.',
@@ -223,7 +228,8 @@ def download(dest: Path, python_versions: list[str], platforms: list[str]) -> in
         return 1
     if total > MAX_BYTES:
         print(f'[gpu_wheels] {total / 2**20:.1f} MiB is over the {MAX_BYTES / 2**20:.0f} MiB the '
-              f'device tool carries: download for fewer Python versions.', file=sys.stderr)
+              f'device tool carries: download for fewer Python versions (or --skip='
+              f'opencv-python-headless: the loader then resizes with PIL).', file=sys.stderr)
         return 1
     return 0
 
@@ -238,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument('--platform', action='append', default=None,
                      help=f'Target platform tag(s), repeatable; default: {PLATFORMS[0]} and '
                           'older manylinux x86_64 tags.')
+    get.add_argument('--skip', default='',
+                     help='Distributions to leave out, comma-separated (e.g. '
+                          'opencv-python-headless, 48 MiB: the loader falls back to PIL).')
     put = commands.add_parser('install', help='Install the missing ones (no index needed).')
     put.add_argument('--wheels', type=Path, action='append', default=None,
                      help='Wheel folder(s); default: bench/.whl and .whl.')
@@ -247,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == 'download':
         return download(args.dest, args.python_version.split(','),
-                        args.platform or list(PLATFORMS))
+                        args.platform or list(PLATFORMS),
+                        frozenset(canonical(n) for n in args.skip.split(',') if n))
     wheels = wheels_to_install([d for d in args.wheels or WHEEL_DIRS if d.is_dir()])
     if not wheels:
         print('[gpu_wheels] nothing to install', file=sys.stderr)

@@ -153,6 +153,8 @@ def main(argv: list[str]) -> None:
               'steps_per_window': FLAGS.steps, 'windows': FLAGS.windows,
               'devices': jax.device_count(), 'rows': rows, 'write_s': round(write_s, 1),
               'decoder': pil_preprocess.resolve_decoder(config.data.decoder),
+              'train_resizer': pil_preprocess.resolve_resizer(config.data.train_resizer,
+                                                              config.data.resize_method),
               # The loaders here must not need it (the GPU machine has none).
               'tensorflow_imported': 'tensorflow' in sys.modules,
               'env': common.environment()}
