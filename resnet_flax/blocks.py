@@ -10,6 +10,7 @@ Convolutions pad symmetrically by kernel_size // 2 (as torchvision does), not 'S
 imported PyTorch weights see exactly the same pixels.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,16 @@ SHORTCUTS = ('A', 'B', 'C', 'identity', 'none')
 STEMS = ('imagenet', 'cifar', 'deep')
 STRIDE_PLACEMENTS = ('v1', 'v1.5')
 
-# He et al. 2015 "fan_out" normal init for convs, as torchvision does (untruncated normal).
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+def conv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """He et al. 2015 "fan_out" normal init for convs, as torchvision does (untruncated normal).
+
+    The same numbers as `nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')`, drawn as a
+    flat vector and reshaped: XLA:CPU takes seconds to compile some 4-D draws (8 s for a
+    3x3x8x16 kernel) and well under one for the flat one.
+    """
+    kh_kw, fan_out = math.prod(shape[:-2]), shape[-1]
+    std = jnp.sqrt(2.0 / (kh_kw * fan_out)).astype(dtype)
+    return (jax.random.normal(key, (math.prod(shape),), dtype) * std).reshape(shape)
 
 
 def padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -80,7 +80,9 @@ def tiny(name: str = 'resnet18', **overrides) -> models.ResNet:
 
 
 def images(batch: int = 4, size: int = 16, seed: int = 0) -> jnp.ndarray:
-    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
+    # NumPy draws: XLA:CPU compiles some 4-D jax.random draws for seconds; tests need no jit here.
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
 
 
 # ---- Parameter counts against independent references -------------------------------------
@@ -243,6 +245,15 @@ def test_conv_init_is_he_fan_out_normal_and_bn_starts_at_identity():
     assert bool(jnp.all(bn['scale'] == 1)) and bool(jnp.all(bn['bias'] == 0))
 
 
+@pytest.mark.parametrize('shape', [(3, 3, 8, 16), (7, 7, 3, 64), (1, 1, 64, 256)])
+def test_conv_init_draws_the_same_numbers_as_flax_variance_scaling(shape):
+    # The kernel is drawn flat and reshaped (fast to compile on CPU); the numbers must be
+    # exactly those of the library initializer it replaces.
+    reference = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(blocks.conv_kernel_init(key, shape), reference(key, shape))
+
+
 def test_train_mode_updates_batch_stats_and_eval_mode_uses_them():
     model, x = tiny(), images()
     variables = model.init(jax.random.key(0), x, train=False)
@@ -348,7 +359,7 @@ def test_width_multiplier_widens_the_3x3_convs():
 
 
 def _group_dependent_batch() -> jnp.ndarray:
-    x = jax.random.normal(jax.random.key(3), (8, 4, 4, 3))
+    x = images(batch=8, size=4, seed=3)
     return x * jnp.repeat(jnp.arange(1.0, 5.0), 2)[:, None, None, None] + jnp.repeat(
         jnp.arange(4.0), 2)[:, None, None, None]
 

@@ -62,7 +62,7 @@ def _tiny(**overrides) -> models.ResNet:
 
 
 def _images(batch: int = 8) -> jax.Array:
-    return jax.random.normal(jax.random.key(0), (batch, 16, 16, 3))
+    return jnp.asarray(np.random.default_rng(0).standard_normal((batch, 16, 16, 3), np.float32))
 
 
 def test_drop_path_keeps_whole_examples_at_the_survival_rate_and_rescales_them():
