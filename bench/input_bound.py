@@ -45,7 +45,7 @@ from absl import flags
 from bench import common
 from bench.jpeg_files import write_jpegs
 from resnet_flax import cli, metrics, train
-from resnet_flax.data import pil_preprocess, prepare
+from resnet_flax.data import info, pil_preprocess, prepare
 
 FLAGS = common.FLAGS
 flags.DEFINE_integer('images', 512, 'Generated JPEGs in the image folder.')
@@ -66,8 +66,12 @@ def run_config(config, loader: str, folder: Path, store: Path):
     config.update(num_train_steps=total, log_every_steps=FLAGS.steps, eval_every_steps=total,
                   checkpoint_every_steps=0, profile_start_step=-1, init_from='')
     config.optimizer.warmup_steps = 1
-    # Two classes everywhere (the generated folder has two): the same model for every loader.
+    # The same model, normalisation and schedule for every loader (the generated folder has two
+    # classes and FLAGS.images examples): one train step, compiled once (the persistent cache
+    # serves the later runs).
     config.model.num_classes = config.data.synthetic_num_classes = 2
+    config.data.synthetic_num_train_examples = FLAGS.images
+    config.data.mean_rgb, config.data.std_rgb = info.IMAGENET_MEAN, info.IMAGENET_STD
     if loader != 'synthetic':
         stored = loader.startswith('grain_store')
         config.data.update(
