@@ -134,6 +134,15 @@ def wheels_to_install(directories: list[Path]) -> list[Path]:
     return [best[name] for name in sorted(best)]
 
 
+def unfit(directories: list[Path]) -> list[str]:
+    """Distributions with wheels here, none of which fits, that are not installed either."""
+    names = {wheel_tags(w.name)[0]: w for d in directories for w in d.glob('*.whl')}
+    fitting = {wheel_tags(w.name)[0] for d in directories for w in d.glob('*.whl')
+               if fits(w.name)}
+    return sorted(n for n in names
+                  if n not in fitting and n not in ON_THE_IMAGE and not is_installed(n))
+
+
 # ---------------------------------------------------------------------------------------------
 # Installing
 
@@ -258,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         return download(args.dest, args.python_version.split(','),
                         args.platform or list(PLATFORMS),
                         frozenset(canonical(n) for n in args.skip.split(',') if n))
-    wheels = wheels_to_install([d for d in args.wheels or WHEEL_DIRS if d.is_dir()])
+    directories = [d for d in args.wheels or WHEEL_DIRS if d.is_dir()]
+    wheels = wheels_to_install(directories)
+    missing = unfit(directories)
+    if missing:
+        print(f'[gpu_wheels] no wheel here fits Python {sys.version_info[0]}.'
+              f'{sys.version_info[1]} on {platform.machine()} for: {", ".join(missing)}: run '
+              f'`python -m bench.gpu_wheels download --python_version={sys.version_info[0]}.'
+              f'{sys.version_info[1]}` where there is an index.', file=sys.stderr)
     if not wheels:
         print('[gpu_wheels] nothing to install', file=sys.stderr)
         return 0

@@ -208,6 +208,7 @@ def test_gpu_wheels_installs_what_is_missing_and_imports_from_there(tmp_path, us
     _write_wheel(wheels / 'jax-0.1-py3-none-any.whl', 'jax', '0.1', {})  # the image's own
     chosen = gpu_wheels.wheels_to_install([wheels])
     assert [w.name for w in chosen] == ['rf_probe-1.0-py3-none-any.whl']
+    assert gpu_wheels.unfit([wheels]) == ['rf-old']  # said, so that the right ones get fetched
 
     target = tmp_path / 'site'
     assert gpu_wheels.install(chosen, target, use_pip) == ('pip' if use_pip else 'unpacked')
