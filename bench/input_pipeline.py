@@ -1,6 +1,6 @@
 """Input pipeline throughput: images/s per CPU core, every loader on the same JPEG files.
 
-    python -m bench.input_pipeline --images=320 --batch=32 --repeats=3 --json
+    python -m bench.input_pipeline --images=320 --batch=32 --repeats=3 --train_passes=4 --json
     python -m bench.input_pipeline --match='store256 train 176'   # a subset, to iterate
 
 Writes `--images` generated JPEGs of ImageNet-like sizes (500 wide, 333-500 high, ~110 KB at
@@ -54,9 +54,13 @@ flags.DEFINE_integer('low_res_size', 176, 'The low-resolution train size (FFCV, 
 flags.DEFINE_integer('store_side', 256, 'Longest side of the prepared store.')
 flags.DEFINE_integer('threads', 0, 'Threads of the multi-core run; 0 = every core.')
 flags.DEFINE_integer('repeats', 3, 'Alternating runs of each side; the fastest is kept.')
+flags.DEFINE_integer('train_passes', 1, 'Passes over the files per timed train run of the '
+                     'loaders (the train stream goes on into later epochs).')
 flags.DEFINE_float('target', 8000.0, 'Accelerator images/s to size the host for.')
 flags.DEFINE_string('folder', '', 'Where to write the JPEGs; empty = a temporary folder.')
 flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
+flags.DEFINE_bool('stages', False, 'Instead of the loaders: each stage of a train example from '
+                  'the store at --low_res_size, on one thread (microseconds per image).')
 flags.DEFINE_string('match', '', "Only the cases whose 'LOADER SOURCE RECIPE' name this regular "
                     "expression finds, e.g. 'store256 train 176'; empty = all.")
 
@@ -139,10 +143,12 @@ def pipeline_config(folder: Path, size: int, threads: int, loader: str = 'tf',
     return cfg
 
 
-def time_loader(cfg, recipe: str, batch: int, num_images: int) -> dict:
-    """One pass of the files after one untimed batch (tracing, warm-up): images, wall and
-    CPU seconds of the whole process (every loader thread included), bytes per example."""
-    steps = num_images // batch
+def time_loader(cfg, recipe: str, batch: int, num_images: int, passes: int = 1) -> dict:
+    """`passes` passes of the files (train: later epochs; eval: one) after one untimed batch
+    (tracing, warm-up): images, wall and CPU seconds of the whole process (every loader thread
+    included), bytes per example. More passes shrink the error of the batches prefetched
+    before the clock starts and still in flight when it stops."""
+    steps = num_images // batch * (passes if recipe == 'train' else 1)
     if recipe == 'train':
         batches = data.train_batches(cfg, global_batch_size=batch, seed=0)
     else:
@@ -190,18 +196,19 @@ def cases(folder: Path, store: Path, threads: int) -> list[tuple[str, str, str, 
             time_reference, paths, recipe, size, batch)))
         if importlib.util.find_spec('tensorflow') is not None:
             found.append(('tf', 'jpeg', f'{recipe} {size}', functools.partial(
-                time_loader, pipeline_config(folder, size, threads), recipe, batch, len(paths))))
+                time_loader, pipeline_config(folder, size, threads), recipe, batch, len(paths),
+                FLAGS.train_passes)))
         for name, decoder, resizer in grain_variants(recipe):
             cfg = pipeline_config(folder, size, threads, 'grain', decoder, resizer=resizer)
             found.append((name, 'jpeg', f'{recipe} {size}', functools.partial(
-                time_loader, cfg, recipe, batch, len(paths))))
+                time_loader, cfg, recipe, batch, len(paths), FLAGS.train_passes)))
             sizes = (low, size) if recipe == 'train' else (size,)
             for crop in sizes:
                 cfg = pipeline_config(store, crop, threads, 'grain', decoder, 'prepared',
                                       resizer)
                 found.append((name, f'store{FLAGS.store_side}', f'{recipe} {crop}',
                               functools.partial(time_loader, cfg, recipe, batch,
-                                                len(paths))))
+                                                len(paths), FLAGS.train_passes)))
     return found
 
 
@@ -252,6 +259,64 @@ def write_store(folder: Path, out: Path) -> float:
     return size / info.splits['train'].num_examples / 1024
 
 
+# ---- the stages of one train example from the store, on one thread (--stages).
+
+def _cpu_us(fn, count: int, repeats: int = 5) -> float:
+    """Best-of-`repeats` process CPU microseconds of fn(i) over i < count, per call."""
+    best_time = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        for i in range(count):
+            fn(i)
+        best_time = min(best_time, time.process_time() - start)
+    return round(best_time / count * 1e6, 1)
+
+
+def stage_times(store: Path, size: int) -> dict[str, float]:
+    """Microseconds per image of each stage, both resizers; the same boxes for every stage."""
+    import dataclasses
+
+    from resnet_flax.data import grain_source
+    from resnet_flax.data import pil_preprocess as pp
+
+    cfg = pipeline_config(store, size, 1, 'grain', 'simplejpeg', 'prepared')
+    source = grain_source.records(cfg, 'train')
+    recipe = grain_source.recipe(cfg, grain_source.find(cfg))
+    count = len(source)
+    encoded = [source[i][0] for i in range(count)]
+    rng = lambda i: random.Random(f'0/{grain_source.AUGMENT_STREAM}/0/{i}')  # noqa: E731
+    shapes = [pp.image_shape(e, 'simplejpeg') for e in encoded]
+    boxes = [pp.inception_box(shapes[i], rng(i), recipe.area_range, recipe.aspect_range)
+             for i in range(count)]
+    pixels = [pp.decode_array(encoded[i], boxes[i], size, 'simplejpeg', shapes[i])
+              for i in range(count)]
+    images = [Image.fromarray(p) for p in pixels]
+    pil_box = lambda i: (boxes[i][0], boxes[i][1], boxes[i][0] + boxes[i][2],  # noqa: E731
+                         boxes[i][1] + boxes[i][3])
+    resized = [images[i].resize((size, size), Image.Resampling.BILINEAR, box=pil_box(i))
+               for i in range(count)]
+    out = np.zeros((size, size, 3), np.uint8)
+    by = {name: dataclasses.replace(recipe, train_resizer=name) for name in ('pil', 'cv2')}
+    return {
+        'read (ArrayRecord)': _cpu_us(lambda i: source[i], count),
+        'header + random.Random': _cpu_us(
+            lambda i: (pp.image_shape(encoded[i], 'simplejpeg'), rng(i)), count),
+        'decode (simplejpeg)': _cpu_us(
+            lambda i: pp.decode_array(encoded[i], boxes[i], size, 'simplejpeg', shapes[i]),
+            count),
+        'to PIL (Image.fromarray)': _cpu_us(lambda i: Image.fromarray(pixels[i]), count),
+        'resize (PIL bilinear)': _cpu_us(lambda i: images[i].resize(
+            (size, size), Image.Resampling.BILINEAR, box=pil_box(i)), count),
+        'to numpy (np.asarray)': _cpu_us(lambda i: np.asarray(resized[i]), count),
+        'crop + resize (cv2, into the batch)': _cpu_us(lambda i: pp.cv2_window(
+            pixels[i], shapes[i], boxes[i], size, recipe.resize_method, out), count),
+        'train_example, pil resizer': _cpu_us(
+            lambda i: pp.train_example(encoded[i], rng(i), by['pil'], out), count),
+        'train_example, cv2 resizer': _cpu_us(
+            lambda i: pp.train_example(encoded[i], rng(i), by['cv2'], out), count),
+    }
+
+
 def main(argv: list[str]) -> None:
     del argv
     threads = FLAGS.threads or os.cpu_count()
@@ -263,6 +328,11 @@ def main(argv: list[str]) -> None:
                 'store_side': FLAGS.store_side, 'store_mean_kb': round(store_kb, 1),
                 'cpu_count': os.cpu_count(), 'threads': threads,
                 'load_average': os.getloadavg()[0], 'target_images_per_s': FLAGS.target}
+        if FLAGS.stages:
+            stages = stage_times(Path(scratch) / 'store', FLAGS.low_res_size)
+            print(json.dumps({'meta': meta, 'stages_us': stages}, indent=None if FLAGS.json
+                             else 1))
+            return
         rows = measure(folder, Path(scratch) / 'store', threads)
     if FLAGS.json:
         print(json.dumps({'meta': meta, 'records': rows}))

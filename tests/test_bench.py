@@ -179,6 +179,18 @@ def test_input_pipeline_measures_every_loader_on_the_same_files():
             assert record['bytes_per_image_to_device'] == size * size * 3 + 4
 
 
+@pytest.mark.slow
+def test_input_pipeline_stages_and_match():
+    """--stages times each step of a store train example; --match selects loader rows."""
+    args = ['--images=8', '--batch=4', '--repeats=1', '--low_res_size=24', '--store_side=48']
+    stages = run_bench('input_pipeline', [*args, '--stages'])['stages_us']
+    assert {'decode (simplejpeg)', 'train_example, cv2 resizer',
+            'train_example, pil resizer'} <= set(stages)
+    assert all(value > 0 for value in stages.values())
+    rows = run_bench('input_pipeline', [*args, '--match=simplejpeg.* store48 train 24'])
+    assert {r['loader'] for r in rows['records']} == {'grain-simplejpeg', 'grain-simplejpeg+cv2'}
+
+
 def _write_wheel(path, name: str, version: str, files: dict[str, str]) -> None:
     """A wheel as pip builds one: the files, NAME.data/ and NAME-VERSION.dist-info/."""
     import zipfile
