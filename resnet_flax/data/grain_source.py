@@ -277,8 +277,9 @@ def _batch_arrays(count: int, size: int) -> Batch:
             'label': np.zeros((count,), np.int32)}
 
 
-# A grain element is a whole batch, decoded into preallocated arrays: per-record grain
-# elements cost ~10% of a train example's time in the map and stack machinery.
+# A grain element is a whole batch, decoded into preallocated arrays: with per-record
+# elements, grain's map and stack machinery took ~20% of a decoding thread's time (py-spy,
+# BENCHMARKS.md section 7a), ~5% this way.
 
 class LoadTrainBatch:
     def __init__(self, plan: TrainPlan, source, recipe: Recipe, seed: int):
