@@ -3,7 +3,8 @@
     python train.py --config=configs/resnet50.py --workdir=DIR --config.batch_size=512
 
 Experiment configs import this file and change a few fields. Configs are plain data:
-they import ml_collections and each other, never the package.
+they import ml_collections and each other, never the package. get_config assembles the
+sections below; a new field goes into the function of its section, with its default.
 """
 
 import ml_collections
@@ -11,15 +12,25 @@ from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
+    """Every field at its default, section by section, in the order config.json lists them."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     # Start a fresh run from these weights: a checkpoint directory written by train.py or by
     # `python -m resnet_flax.convert` (pretrained PyTorch weights). A head of another size is
     # re-initialised. Ignored when the workdir already has a checkpoint (that run resumes).
     config.init_from = ''
+    config.model = _model_section()
+    config.data = _data_section()
+    config.optimizer = _optimizer_section()
+    _add_training_fields(config)
+    _add_eval_and_checkpoint_fields(config)
+    _add_safety_and_diagnostic_fields(config)
+    return config
 
-    # ---- Model: the ResNet family (resnet_flax/models.py). '' / () / 0 mean "as the family says".
-    config.model = model = ml_collections.ConfigDict()
+
+def _model_section() -> ml_collections.ConfigDict:
+    """The ResNet family (resnet_flax/models.py). '' / () / 0 mean "as the family says"."""
+    model = ml_collections.ConfigDict()
     model.family = 'imagenet'  # 'imagenet' or 'cifar': which depth table, stem and widths apply
     model.depth = 50  # imagenet: 18, 34, 50, 101, 152, 200; cifar: 6n+2 (20, 32, 44, 56, 110)
     model.num_classes = 1000  # a data set with another class count overrides it (announced)
@@ -58,12 +69,25 @@ def get_config() -> ml_collections.ConfigDict:
     # resnet_flax/conv.py), or 'auto': im2col for convs with >= 64 input channels on the CPU
     # backend, xla elsewhere. The same results to float rounding.
     model.conv_impl = 'auto'
+    return model
 
-    # ---- Data (resnet_flax/data/). Every source yields uint8 NHWC RGB images already at the
-    # train (or eval) size (grayscale replicated, alpha dropped) and int32 labels. The host
-    # decodes, crops, resizes (and RandAugments); the jitted step casts, normalises, flips and
-    # mixes on the device (resnet_flax/device_augment.py): 1/4 of float32's bytes cross over.
-    config.data = data = ml_collections.ConfigDict()
+
+def _data_section() -> ml_collections.ConfigDict:
+    """Data (resnet_flax/data/). Every source yields uint8 NHWC RGB images already at the
+    train (or eval) size (grayscale replicated, alpha dropped) and int32 labels. The host
+    decodes, crops, resizes (and RandAugments); the jitted step casts, normalises, flips and
+    mixes on the device (resnet_flax/device_augment.py): 1/4 of float32's bytes cross over."""
+    data = ml_collections.ConfigDict()
+    _add_data_source_fields(data)
+    _add_train_augmentation_fields(data)
+    _add_eval_preprocessing_fields(data)
+    _add_input_throughput_fields(data)
+    _add_builtin_dataset_fields(data)
+    return data
+
+
+def _add_data_source_fields(data: ml_collections.ConfigDict) -> None:
+    """What to read, who reads it, the splits, image sizes and normalisation."""
     # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', or any TFDS image-classification set),
     # 'image_folder' (data_dir/CLASS/*.jpg, or data_dir/SPLIT/CLASS/*.jpg), 'digits'
     # (scikit-learn's 8x8 digits, built in, no download) or 'synthetic' (random batches).
@@ -103,6 +127,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.mean_rgb = ()
     data.std_rgb = ()
 
+
+def _add_train_augmentation_fields(data: ml_collections.ConfigDict) -> None:
     # Train augmentation. '' = the data set's recipe: 'inception' for imagenet2012, image
     # folders and TFDS sets with large images; 'pad' for CIFAR-sized ones (<= 64 px); 'none'
     # for digits.
@@ -127,6 +153,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.cutmix_alpha = 0.0
     data.cutmix_prob = 0.5
 
+
+def _add_eval_preprocessing_fields(data: ml_collections.ConfigDict) -> None:
     # Eval: '' = 'center' for large images, 'resize' for CIFAR-sized ones and digits.
     # 'center' resizes the short side to image_size / eval_crop_fraction and centre-crops
     # image_size (224 from 256 by default); 'resize' resizes the whole image to image_size.
@@ -140,6 +168,8 @@ def get_config() -> ml_collections.ConfigDict:
     # the eval_crop recipe above.
     data.eval_preset = ''  # '' | 'native' | 'torchvision'
 
+
+def _add_input_throughput_fields(data: ml_collections.ConfigDict) -> None:
     # Throughput and memory. Cores and buffers are shared among the processes on a host
     # (resnet_flax/data/budget.py): processes_per_host 0 = from the launcher (LOCAL_WORLD_SIZE,
     # SLURM_NTASKS_PER_NODE, ...), else 1.
@@ -157,14 +187,19 @@ def get_config() -> ml_collections.ConfigDict:
     data.prefetch_batches = 2  # ready batches kept ahead of the step; -1 = tf.data autotunes
     data.ram_budget_gb = 0.0  # > 0 caps tf.data autotune's buffers at this many GB
 
+
+def _add_builtin_dataset_fields(data: ml_collections.ConfigDict) -> None:
+    """The two data sets that need no files: digits and synthetic."""
     # digits: the first 1,437 images train, the last 360 test (a fixed split, no shuffle).
     # synthetic: random images of the configured shape and uniform random labels.
     data.synthetic_num_classes = 1000
     data.synthetic_num_train_examples = 1_281_167  # sets the epoch length
     data.synthetic_num_eval_examples = 50_000
 
-    # ---- Optimizer and schedule (resnet_flax/optim.py).
-    config.optimizer = opt = ml_collections.ConfigDict()
+
+def _optimizer_section() -> ml_collections.ConfigDict:
+    """Optimizer and schedule (resnet_flax/optim.py)."""
+    opt = ml_collections.ConfigDict()
     opt.name = 'sgd'  # 'sgd' | 'lars' | 'lamb' | 'adamw'
     # Linear scaling rule (Goyal et al. 2017): the peak rate is
     # learning_rate * batch_size / reference_batch_size. Set reference_batch_size to
@@ -196,8 +231,11 @@ def get_config() -> ml_collections.ConfigDict:
     opt.step_epochs = (30, 60, 80)  # step: multiply the rate by step_factor at these epochs
     opt.step_factor = 0.1
     opt.polynomial_power = 2.0  # polynomial: 1 = linear decay
+    return opt
 
-    # ---- Training loop (resnet_flax/train.py).
+
+def _add_training_fields(config: ml_collections.ConfigDict) -> None:
+    """Training loop (resnet_flax/train.py)."""
     config.batch_size = 256  # global batch per optimizer update, over all devices and processes
     # Split each batch into this many sequential micro-batches (micro-batch i takes every k-th
     # example from i) and average their gradients: one update, less memory. BatchNorm is not
@@ -214,11 +252,19 @@ def get_config() -> ml_collections.ConfigDict:
     # step queued behind the running one, so the device never idles for the host, and makes
     # train/input_wait_fraction mean "the device ran out of work waiting for input".
     config.max_steps_ahead = 2
+
+
+def _add_eval_and_checkpoint_fields(config: ml_collections.ConfigDict) -> None:
+    """How often the loop evaluates and checkpoints."""
     config.eval_every_epochs = 1.0
     config.eval_every_steps = 0  # > 0 overrides eval_every_epochs
     config.eval_batch_size = 0  # 0 = batch_size
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3  # the newest K, plus the best by eval top-1
+
+
+def _add_safety_and_diagnostic_fields(config: ml_collections.ConfigDict) -> None:
+    """Profiling, NaN halts, resume checks and debugging aids."""
     config.profile_start_step = -1  # >= 0 writes a profiler trace of a few steps to the workdir
     config.profile_num_steps = 5
     config.halt_on_nan = True
@@ -231,4 +277,3 @@ def get_config() -> ml_collections.ConfigDict:
     # the logging window like the loss. Cheap enough for small runs (one norm per block).
     config.log_block_grad_norms = False
     config.debug_nan_at_step = -1  # tests only: replace the loss by NaN at this step
-    return config
