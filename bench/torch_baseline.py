@@ -29,6 +29,7 @@ PyTorch has room too.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import time
@@ -63,15 +64,8 @@ flags.DEFINE_bool('omp_passive', True,
 
 def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str]:
     """The config's ResNet as a torch module, and where it came from."""
-    import torch.nn as nn
-
     flax_model = models.from_config(model_cfg)
-    unsupported = dict(stem=('imagenet', 'cifar'), shortcut=('A', 'B'), stride_placement=('v1.5',),
-                       preactivation=(False,), avg_down=(False,), se_ratio=(0.0,))
-    for field, valid in unsupported.items():
-        if getattr(flax_model, field) not in valid:
-            raise ValueError(f'model.{field}={getattr(flax_model, field)!r}: the PyTorch '
-                             f'baseline builds {field} in {valid} only.')
+    _check_torch_can_build(flax_model)
     fallback = 'torch.nn (bench/torch_baseline.py)'
     if use_torchvision:
         try:
@@ -81,31 +75,96 @@ def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str
             model, fallback = None, f'{fallback}; torchvision failed: {error!r:.200}'
         if model is not None:
             return model, f'torchvision.models.resnet{int(model_cfg.depth)}'
+    return _torch_nn_model(flax_model), fallback
+
+
+def _check_torch_can_build(flax_model: models.ResNet) -> None:
+    buildable = dict(stem=('imagenet', 'cifar'), shortcut=('A', 'B'), stride_placement=('v1.5',),
+                     preactivation=(False,), avg_down=(False,), se_ratio=(0.0,))
+    for field, valid in buildable.items():
+        if getattr(flax_model, field) not in valid:
+            raise ValueError(f'model.{field}={getattr(flax_model, field)!r}: the PyTorch '
+                             f'baseline builds {field} in {valid} only.')
+
+
+def _torch_nn_model(flax_model: models.ResNet) -> Any:
+    """Stem, stages of blocks (stride 2 in the first block of every stage but the first), pool,
+    head; convs initialised as torchvision does."""
+    import torch.nn as nn
+
+    layers = _torch_stem(flax_model)
+    width = flax_model.stem_width
+    for i, (size, stage_width) in enumerate(
+            zip(flax_model.stage_sizes, flax_model.stage_widths, strict=True)):
+        features, inner = flax_model.block_widths(stage_width)
+        for j in range(size):
+            layers.append(_torch_block(flax_model, width, features, inner,
+                                       stride=2 if i > 0 and j == 0 else 1))
+            width = features
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, flax_model.num_classes)]
+    model = nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+    return model
+
+
+def _torch_bn(flax_model: models.ResNet, channels: int) -> Any:
+    import torch.nn as nn
+
+    # torch's momentum weighs the new batch, flax's the running average.
+    return nn.BatchNorm2d(channels, eps=flax_model.bn_epsilon,
+                          momentum=1.0 - flax_model.bn_momentum)
+
+
+def _torch_stem(flax_model: models.ResNet) -> list[Any]:
+    import torch.nn as nn
+
+    width = flax_model.stem_width
+    if flax_model.stem == 'cifar':
+        return [nn.Conv2d(3, width, 3, 1, 1, bias=False), _torch_bn(flax_model, width),
+                nn.ReLU(inplace=True)]
+    return [nn.Conv2d(3, width, 7, 2, 3, bias=False), _torch_bn(flax_model, width),
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+
+
+def _torch_block(flax_model: models.ResNet, in_ch: int, features: int, inner: int,
+                 stride: int) -> Any:
+    """A post-activation block, its stride on the 3x3 conv (v1.5) as torchvision's."""
+    import torch.nn as nn
 
     def bn(channels):
-        return nn.BatchNorm2d(channels, eps=flax_model.bn_epsilon,
-                              momentum=1.0 - flax_model.bn_momentum)
+        return _torch_bn(flax_model, channels)
 
-    class Block(nn.Module):
-        def __init__(self, in_ch: int, features: int, inner: int, stride: int):
+    if flax_model.block == 'bottleneck':
+        main = nn.Sequential(
+            nn.Conv2d(in_ch, inner, 1, bias=False), bn(inner), nn.ReLU(inplace=True),
+            nn.Conv2d(inner, inner, 3, stride, 1, groups=flax_model.groups, bias=False),
+            bn(inner), nn.ReLU(inplace=True),
+            nn.Conv2d(inner, features, 1, bias=False), bn(features))
+    else:
+        main = nn.Sequential(
+            nn.Conv2d(in_ch, inner, 3, stride, 1, bias=False), bn(inner), nn.ReLU(inplace=True),
+            nn.Conv2d(inner, features, 3, 1, 1, bias=False), bn(features))
+    residual, zero_pad_shortcut = _torch_module_classes()
+    if stride == 1 and in_ch == features:
+        shortcut = nn.Identity()
+    elif flax_model.shortcut == 'A':
+        shortcut = zero_pad_shortcut(stride, features - in_ch)
+    else:
+        shortcut = nn.Sequential(nn.Conv2d(in_ch, features, 1, stride, bias=False), bn(features))
+    return residual(main, shortcut)
+
+
+@functools.cache
+def _torch_module_classes() -> tuple[type, type]:
+    """The two modules torch.nn lacks, defined on first use: torch is optional."""
+    import torch.nn as nn
+
+    class Residual(nn.Module):
+        def __init__(self, main: nn.Module, shortcut: nn.Module):
             super().__init__()
-            if flax_model.block == 'bottleneck':
-                self.main = nn.Sequential(
-                    nn.Conv2d(in_ch, inner, 1, bias=False), bn(inner), nn.ReLU(inplace=True),
-                    nn.Conv2d(inner, inner, 3, stride, 1, groups=flax_model.groups, bias=False),
-                    bn(inner), nn.ReLU(inplace=True),
-                    nn.Conv2d(inner, features, 1, bias=False), bn(features))
-            else:
-                self.main = nn.Sequential(
-                    nn.Conv2d(in_ch, inner, 3, stride, 1, bias=False), bn(inner),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(inner, features, 3, 1, 1, bias=False), bn(features))
-            self.shortcut = nn.Identity()
-            if (stride != 1 or in_ch != features) and flax_model.shortcut == 'A':
-                self.shortcut = ZeroPadShortcut(stride, features - in_ch)
-            elif stride != 1 or in_ch != features:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_ch, features, 1, stride, bias=False), bn(features))
+            self.main, self.shortcut = main, shortcut
 
         def forward(self, x):
             return (self.main(x) + self.shortcut(x)).relu_()
@@ -119,24 +178,7 @@ def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str
             x = x[:, :, ::self.stride, ::self.stride]
             return nn.functional.pad(x, (0, 0, 0, 0, 0, self.extra))
 
-    width = flax_model.stem_width
-    if flax_model.stem == 'cifar':
-        layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), bn(width), nn.ReLU(inplace=True)]
-    else:
-        layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), bn(width), nn.ReLU(inplace=True),
-                  nn.MaxPool2d(3, 2, 1)]
-    for i, (size, stage_width) in enumerate(
-            zip(flax_model.stage_sizes, flax_model.stage_widths, strict=True)):
-        features, inner = flax_model.block_widths(stage_width)
-        for j in range(size):
-            layers.append(Block(width, features, inner, 2 if i > 0 and j == 0 else 1))
-            width = features
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, flax_model.num_classes)]
-    model = nn.Sequential(*layers)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
-    return model, fallback
+    return Residual, ZeroPadShortcut
 
 
 def _torchvision_model(flax_model: models.ResNet, depth: int):
