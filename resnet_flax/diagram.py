@@ -446,72 +446,83 @@ def _line(ax: Any, xs: Sequence[float], ys: Sequence[float]) -> None:
     ax.plot(xs, ys, color='#404040', lw=0.9, solid_capstyle='butt')
 
 
+# Block drawings: the main path down the left column, the shortcut down the right.
+_MAIN_X, _SHORTCUT_X, _BOX_W = 0.0, 1.9, 1.7
+_SHAPE_OPS = ('conv', 'pool', 'subsample', 'pad')  # ops whose output shape is written beside
+
+
 def draw_block(ax: Any, block: Block) -> None:
     """The block top to bottom: input, main path (left), shortcut (right), +, output."""
-    from matplotlib import patches
-
-    main_x, short_x, width = 0.0, 1.9, 1.7
-    y = 0.0
-    ax.text(main_x, y, f'in {_dims(block.in_shape)}', ha='center', va='center', fontsize=9,
+    ax.text(_MAIN_X, 0.0, f'in {_dims(block.in_shape)}', ha='center', va='center', fontsize=9,
             fontweight='bold')
-    fork = y - 0.35
+    fork = -0.35
     ys = [fork - 0.5 - k * _ROW for k in range(len(block.main))]
     add_y = (ys[-1] if ys else fork) - 0.85
-    _line(ax, [main_x, main_x], [y - 0.2, fork])
-    previous = fork
-    for op, oy in zip(block.main, ys, strict=True):
-        _arrow(ax, (main_x, previous), (main_x, oy + _BOX_H / 2))
-        _box(ax, main_x, oy, width, op.label, _COLOURS.get(op.kind, '#f0f0f0'))
-        if op.kind in ('conv', 'pool', 'subsample', 'pad'):
-            ax.text(main_x - width / 2 - 0.08, oy, _dims(op.out_shape), ha='right', va='center',
-                    fontsize=7, color='#606060')
-        previous = oy - _BOX_H / 2
-    _arrow(ax, (main_x, previous), (main_x, add_y + 0.18))
+    _line(ax, [_MAIN_X, _MAIN_X], [-0.2, fork])
+    bottom = _draw_ops(ax, _MAIN_X, block.main, ys, fork, shapes_on='left')
+    _arrow(ax, (_MAIN_X, bottom), (_MAIN_X, add_y + 0.18))
+    _draw_shortcut(ax, block, fork, ys, add_y)
+    _draw_sum(ax, _MAIN_X, add_y)
 
-    # The shortcut: from the fork (or from the shared op it taps), down the right, into the +.
-    start = fork
-    if block.shortcut_from != 'input':
-        tapped = [op.label for op in block.main].index(block.shortcut_from)
-        start = ys[tapped] - _BOX_H / 2 - 0.1
-    _line(ax, [main_x, short_x], [start, start])
-    if block.shortcut:
-        mid = (start + add_y) / 2
-        sys_ = [mid + (len(block.shortcut) - 1) * _ROW / 2 - k * _ROW
-                for k in range(len(block.shortcut))]
-        previous = start
-        for op, oy in zip(block.shortcut, sys_, strict=True):
-            _arrow(ax, (short_x, previous), (short_x, oy + _BOX_H / 2))
-            _box(ax, short_x, oy, width, op.label, _COLOURS.get(op.kind, '#f0f0f0'))
-            if op.kind in ('conv', 'pool', 'subsample', 'pad'):
-                ax.text(short_x + width / 2 + 0.08, oy, _dims(op.out_shape), ha='left',
-                        va='center', fontsize=7, color='#606060')
-            previous = oy - _BOX_H / 2
-        _line(ax, [short_x, short_x], [previous, add_y])
-    else:
-        _line(ax, [short_x, short_x], [start, add_y])
-        ax.text(short_x + 0.08, (start + add_y) / 2, 'identity', rotation=90, ha='left',
-                va='center', fontsize=9, style='italic')
-    _arrow(ax, (short_x, add_y), (main_x + 0.18, add_y))
-    ax.add_patch(patches.Circle((main_x, add_y), 0.18, facecolor='white', edgecolor='#404040',
-                                lw=0.9))
-    ax.text(main_x, add_y, '+', ha='center', va='center', fontsize=12)
-
-    previous = add_y - 0.18
-    oy = add_y
-    for op in block.after:
+    after_ys, oy = [], add_y
+    for _ in block.after:
         oy -= _ROW
-        _arrow(ax, (main_x, previous), (main_x, oy + _BOX_H / 2))
-        _box(ax, main_x, oy, width, op.label, _COLOURS.get(op.kind, '#f0f0f0'))
-        previous = oy - _BOX_H / 2
+        after_ys.append(oy)
+    bottom = _draw_ops(ax, _MAIN_X, block.after, after_ys, add_y - 0.18, shapes_on='')
     end = oy - 0.75
-    _arrow(ax, (main_x, previous), (main_x, end + 0.15))
-    ax.text(main_x, end, f'out {_dims(block.out_shape)}', ha='center', va='center', fontsize=9,
+    _arrow(ax, (_MAIN_X, bottom), (_MAIN_X, end + 0.15))
+    ax.text(_MAIN_X, end, f'out {_dims(block.out_shape)}', ha='center', va='center', fontsize=9,
             fontweight='bold')
     ax.set_title(f'{block.name}: {block.module}\n{block.params:,} params, shortcut: '
                  f'{block.shortcut_kind}', fontsize=10)
     ax.set_xlim(-1.6, 3.6)
     ax.set_ylim(end - 0.4, 0.4)
     ax.axis('off')
+
+
+def _draw_ops(ax: Any, x: float, ops: Sequence[Op], ys: Sequence[float], top: float,
+              shapes_on: str) -> float:
+    """A column of boxes at `ys`, each with an arrow from the one above (the first from `top`),
+    output shapes written on the `shapes_on` side ('left', 'right' or '' for none). Returns
+    the bottom of the last box."""
+    previous = top
+    for op, oy in zip(ops, ys, strict=True):
+        _arrow(ax, (x, previous), (x, oy + _BOX_H / 2))
+        _box(ax, x, oy, _BOX_W, op.label, _COLOURS.get(op.kind, '#f0f0f0'))
+        if shapes_on and op.kind in _SHAPE_OPS:
+            text_x = x - _BOX_W / 2 - 0.08 if shapes_on == 'left' else x + _BOX_W / 2 + 0.08
+            ax.text(text_x, oy, _dims(op.out_shape), ha='right' if shapes_on == 'left' else 'left',
+                    va='center', fontsize=7, color='#606060')
+        previous = oy - _BOX_H / 2
+    return previous
+
+
+def _draw_shortcut(ax: Any, block: Block, fork: float, main_ys: Sequence[float],
+                   add_y: float) -> None:
+    """From the fork (or from the shared op it taps), down the right, into the +."""
+    start = fork
+    if block.shortcut_from != 'input':
+        tapped = [op.label for op in block.main].index(block.shortcut_from)
+        start = main_ys[tapped] - _BOX_H / 2 - 0.1
+    _line(ax, [_MAIN_X, _SHORTCUT_X], [start, start])
+    if block.shortcut:
+        mid = (start + add_y) / 2
+        ys = [mid + (len(block.shortcut) - 1) * _ROW / 2 - k * _ROW
+              for k in range(len(block.shortcut))]
+        bottom = _draw_ops(ax, _SHORTCUT_X, block.shortcut, ys, start, shapes_on='right')
+        _line(ax, [_SHORTCUT_X, _SHORTCUT_X], [bottom, add_y])
+    else:
+        _line(ax, [_SHORTCUT_X, _SHORTCUT_X], [start, add_y])
+        ax.text(_SHORTCUT_X + 0.08, (start + add_y) / 2, 'identity', rotation=90, ha='left',
+                va='center', fontsize=9, style='italic')
+    _arrow(ax, (_SHORTCUT_X, add_y), (_MAIN_X + 0.18, add_y))
+
+
+def _draw_sum(ax: Any, x: float, y: float) -> None:
+    from matplotlib import patches
+
+    ax.add_patch(patches.Circle((x, y), 0.18, facecolor='white', edgecolor='#404040', lw=0.9))
+    ax.text(x, y, '+', ha='center', va='center', fontsize=12)
 
 
 def _millions(n: int) -> str:
