@@ -36,6 +36,19 @@ def conv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.fl
     return (jax.random.normal(key, (math.prod(shape),), dtype) * std).reshape(shape)
 
 
+def dense_kernel_init(key: jax.Array, shape: tuple[int, ...],
+                      dtype: Any = jnp.float32) -> jax.Array:
+    """LeCun normal truncated at 2 std, flax's `nn.Dense` default, drawn flat for the same reason.
+
+    The same numbers as `nn.initializers.lecun_normal()`; 0.8796... is the standard deviation
+    of a standard normal truncated to (-2, 2).
+    """
+    variance = jnp.array(1.0 / math.prod(shape[:-1]), dtype=dtype)
+    std = jnp.sqrt(variance) / jnp.array(0.87962566103423978, dtype)
+    flat = jax.random.truncated_normal(key, -2, 2, (math.prod(shape),), dtype)
+    return (flat * std).reshape(shape)
+
+
 def padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Symmetric padding that keeps the spatial size at stride 1 (torchvision's k // 2)."""
     p = kernel_size // 2
@@ -124,7 +137,7 @@ class SqueezeExcite(nn.Module):
         features = x.shape[-1]
         reduced = max(1, round(features * self.ratio))
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name=name)
+                                         kernel_init=dense_kernel_init, name=name)
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
         s = nn.relu(dense(reduced, 'reduce')(s))
         s = nn.sigmoid(dense(features, 'expand')(s))

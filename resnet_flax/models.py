@@ -211,7 +211,8 @@ class ResNet(nn.Module):
 
 def classifier(num_classes: int, param_dtype: Any = jnp.float32) -> nn.Dense:
     """The head: a float32 dense layer on the pooled features (the `head` params)."""
-    return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=param_dtype, name='head')
+    return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=param_dtype,
+                    kernel_init=blocks.dense_kernel_init, name='head')
 
 
 def replace_head(model: ResNet, variables: Mapping[str, Any], num_classes: int,

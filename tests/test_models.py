@@ -245,13 +245,18 @@ def test_conv_init_is_he_fan_out_normal_and_bn_starts_at_identity():
     assert bool(jnp.all(bn['scale'] == 1)) and bool(jnp.all(bn['bias'] == 0))
 
 
-@pytest.mark.parametrize('shape', [(3, 3, 8, 16), (7, 7, 3, 64), (1, 1, 64, 256)])
-def test_conv_init_draws_the_same_numbers_as_flax_variance_scaling(shape):
-    # The kernel is drawn flat and reshaped (fast to compile on CPU); the numbers must be
-    # exactly those of the library initializer it replaces.
-    reference = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+@pytest.mark.parametrize('init, reference, shape', [
+    (blocks.conv_kernel_init, nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+     (7, 7, 3, 64)),
+    (blocks.conv_kernel_init, nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+     (1, 1, 64, 256)),
+    (blocks.dense_kernel_init, nn.initializers.lecun_normal(), (2048, 1000)),
+])
+def test_kernel_inits_draw_the_same_numbers_as_the_library_initializers(init, reference, shape):
+    # Kernels are drawn flat and reshaped (fast to compile on CPU); the numbers must be exactly
+    # those of the library initializer each replaces.
     key = jax.random.key(7)
-    np.testing.assert_array_equal(blocks.conv_kernel_init(key, shape), reference(key, shape))
+    np.testing.assert_array_equal(init(key, shape), reference(key, shape))
 
 
 def test_train_mode_updates_batch_stats_and_eval_mode_uses_them():
