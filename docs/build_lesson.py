@@ -601,8 +601,9 @@ reduced width. A basic block that carried as many channels would cost many times
 {cost}"""
 
 
-def section_stages() -> str:
-    loop = run_python("""
+def _stage_loop_source() -> str:
+    """The lines of models.ResNet.__call__ that stack the blocks into stages."""
+    return run_python("""
         import inspect
         import textwrap
         from resnet_flax import models
@@ -612,7 +613,11 @@ def section_stages() -> str:
         end = next(i for i, line in enumerate(lines) if "name=f'stage{i}_block{j}'" in line)
         print(textwrap.dedent('\\n'.join(lines[start:end + 1])))
     """)
-    per_block = run_python("""
+
+
+def _resnet50_block_table() -> str:
+    """Every block of ResNet-50: input and output shapes, shortcut kind and MACs."""
+    return run_python("""
         from resnet_flax import diagram, models, summary
 
         model = models.create('resnet50')
@@ -628,7 +633,11 @@ def section_stages() -> str:
         print(f'{len(changing)} of {len(network.blocks)} blocks change the shape: '
               f'{", ".join(changing)}')
     """)
-    placement = run_python("""
+
+
+def _stride_placement_macs() -> str:
+    """ResNet-50's MACs with the stride on the first 1x1 conv (v1) and on the 3x3 conv (v1.5)."""
+    return run_python("""
         from resnet_flax import models, summary
 
         for placement in ('v1', 'v1.5'):
@@ -636,6 +645,11 @@ def section_stages() -> str:
             print(f"stride on the {'first 1x1' if placement == 'v1' else '3x3'} conv "
                   f"({placement}): {s['macs'] / 1e9:.2f}G MACs")
     """)
+
+
+def section_stages() -> str:
+    loop, per_block = _stage_loop_source(), _resnet50_block_table()
+    placement = _stride_placement_macs()
     return f"""
 ## 3. Stacking blocks into stages, and why the first block downsamples
 
@@ -711,6 +725,19 @@ agrees:
 
 
 def question_shortcut(results: dict[str, Any], images: bool) -> str:
+    return f"""
+## 5. Question 1: why the shortcut must adapt
+
+*Why must the shortcut be adjusted, for example with a 1x1 convolution, when the main path
+changes dimension?*
+
+{_identity_shortcut_fails()}
+{_shortcut_fixes(images)}
+{_shortcut_measurements(results)}"""
+
+
+def _identity_shortcut_fails() -> str:
+    """What the code says when x cannot be added to F(x) as it is."""
     error = run_python("""
         import jax
         import jax.numpy as jnp
@@ -732,6 +759,30 @@ def question_shortcut(results: dict[str, Any], images: bool) -> str:
         except ValueError as error:
             print(f'ValueError: {error}')
     """)
+    return f"""### What happens if the shortcut stays the identity
+
+The addition in H(x) = F(x) + x is elementwise, so F(x) and x must have the same shape. The
+first block of a stage makes F(x) smaller in height and width (stride 2) and wider in channels.
+Build the real ResNet-20 and ResNet-50 with `shortcut='identity'`, which is what the formula
+says literally: x is added as it is, never adapted.
+
+{error}
+In ResNet-20 the first block to fail is the first of stage 2, which halves the map and doubles
+the channels; in ResNet-50 it is already the first block of stage 1, which keeps the
+resolution but widens the channels four-fold (the bottleneck's expansion). Neither output can
+be added to its input, and `blocks.shortcut` refuses with the error above. Option A has a
+limit of its own: zero-padding cannot make the channels of a bottleneck's expansion, so
+the configuration validation in `models.py` refuses it there:
+
+{refusal}
+So wherever the main path changes the shape, the shortcut has to change x to the same shape,
+and it has to do it without destroying what makes the shortcut useful: a short, almost
+unobstructed path for the signal and its gradient.
+"""
+
+
+def _shortcut_fixes(images: bool) -> str:
+    """Options A and B: what they do, drawn, and what they cost."""
     costs = run_python("""
         from resnet_flax import models, summary
 
@@ -755,33 +806,7 @@ def question_shortcut(results: dict[str, Any], images: bool) -> str:
     b_cmd = ('python -m resnet_flax.diagram --config=configs/digits.py '
              "--config.model.shortcut=B --blocks=stage2_block1 --nolayout "
              "--title='ResNet-8, option B' --text --out docs/img/shortcut_B.png")
-    return f"""
-## 5. Question 1: why the shortcut must adapt
-
-*Why must the shortcut be adjusted, for example with a 1x1 convolution, when the main path
-changes dimension?*
-
-### What happens if the shortcut stays the identity
-
-The addition in H(x) = F(x) + x is elementwise, so F(x) and x must have the same shape. The
-first block of a stage makes F(x) smaller in height and width (stride 2) and wider in channels.
-Build the real ResNet-20 and ResNet-50 with `shortcut='identity'`, which is what the formula
-says literally: x is added as it is, never adapted.
-
-{error}
-In ResNet-20 the first block to fail is the first of stage 2, which halves the map and doubles
-the channels; in ResNet-50 it is already the first block of stage 1, which keeps the
-resolution but widens the channels four-fold (the bottleneck's expansion). Neither output can
-be added to its input, and `blocks.shortcut` refuses with the error above. Option A has a
-limit of its own: zero-padding cannot make the channels of a bottleneck's expansion, so
-the configuration validation in `models.py` refuses it there:
-
-{refusal}
-So wherever the main path changes the shape, the shortcut has to change x to the same shape,
-and it has to do it without destroying what makes the shortcut useful: a short, almost
-unobstructed path for the signal and its gradient.
-
-### The two fixes, side by side
+    return f"""### The two fixes, side by side
 
 - **Option A, zero-padding** (the CIFAR nets' default, `shortcut='A'`): take every second
   pixel (the same stride as the main path) and append zero channels. No parameters, no MACs.
@@ -803,8 +828,7 @@ each option:
 What the projections cost, from `summary.py` at each model's own image size (32x32 for the
 CIFAR nets, 224x224 for ResNet-50):
 
-{costs}
-{_shortcut_measurements(results)}"""
+{costs}"""
 
 
 def _shortcut_measurements(results: dict[str, Any]) -> str:
@@ -891,16 +915,7 @@ def question_budget(results: dict[str, Any]) -> str:
     costs = {name: _cost(overrides) for name, overrides in group.items()}
     tops = {name: _top1(results['runs']['budget'][name]) for name in group}
     speed = {name: results['throughput'][f'budget/{name}'] for name in group}
-    rows = []
-    for name, cost in costs.items():
-        s, t = speed[name], tops[name]
-        rows.append([name, cost['block'], cost['sizes'], str(cost['layers']),
-                     f"{cost['params']:,}", f"{cost['macs']:,}",
-                     f"{s['images_per_sec']:,.0f} (±{s['spread_pct'] / 2:.0f}%)", _seeds(t),
-                     f"{t['mean']:.1f} ± {t['sd']:.1f}"])
-    table = _table(['model', 'block', 'blocks per stage', 'layers', 'params', 'MACs',
-                    'train images/s', 'top-1 % per seed', 'top-1 % mean ± sd'], rows,
-                   align='lllrrrrrr')
+    table = _budget_table(costs, tops, speed)
     basic, deep, matched = (costs[n] for n in group)
     b_name, d_name, m_name = group
     machine = results['machine']
@@ -949,6 +964,19 @@ measurement (load average {machine['load_average_start'][0]:.1f} at the start,
 
 {_answer_budget(costs, tops, speed, names=list(group))}
 """
+
+
+def _budget_table(costs: dict[str, Any], tops: dict[str, Any], speed: dict[str, Any]) -> str:
+    rows = []
+    for name, cost in costs.items():
+        s, t = speed[name], tops[name]
+        rows.append([name, cost['block'], cost['sizes'], str(cost['layers']),
+                     f"{cost['params']:,}", f"{cost['macs']:,}",
+                     f"{s['images_per_sec']:,.0f} (±{s['spread_pct'] / 2:.0f}%)", _seeds(t),
+                     f"{t['mean']:.1f} ± {t['sd']:.1f}"])
+    return _table(['model', 'block', 'blocks per stage', 'layers', 'params', 'MACs',
+                   'train images/s', 'top-1 % per seed', 'top-1 % mean ± sd'], rows,
+                  align='lllrrrrrr')
 
 
 def _answer_budget(costs: dict[str, Any], tops: dict[str, Any], speed: dict[str, Any],
