@@ -79,19 +79,7 @@ def test_sweep_resumes_skips_and_reports_the_runs_real_metrics(tmp_path):
     # The runs resume with a longer schedule than they started with: a deliberate config change.
     out = _sweep_cli(*args, '--config.allow_config_change=True').stdout
     assert out.count('resuming after step 3') == 2, out
-    for variant in ('narrow', 'wide'):
-        for seed in (0, 1):
-            run_dir = workdir / variant / f'seed{seed}'
-            # Resumed from the checkpoint at step 3, not restarted: every step logged once.
-            assert [r['step'] for r in _records(run_dir, 'train')] == [1, 2, 3, 4, 5, 6]
-            assert _records(run_dir, 'eval')[-1]['step'] == 6
-            status = json.loads((run_dir / sweep.RUN_FILE).read_text())
-            assert status['attempts'] == (2 if variant == 'narrow' else 1)
-            assert status['finished'] and status['returncode'] == 0
-            config = json.loads((run_dir / 'config.json').read_text())
-            assert config['seed'] == seed
-            assert tuple(config['model']['stage_widths']) == ((8, 8) if variant == 'narrow'
-                                                              else (8, 16))
+    _check_finished_runs(workdir, interrupted='narrow')
 
     before = (workdir / 'wide' / 'seed1' / 'metrics.jsonl').read_text()
     out = _sweep_cli(*args).stdout
@@ -105,27 +93,58 @@ def test_sweep_resumes_skips_and_reports_the_runs_real_metrics(tmp_path):
     runs = list(csv.DictReader((workdir / 'runs.csv').open()))
     assert list(rows) == ['narrow', 'wide'] and len(runs) == 4
     for variant, row in rows.items():
-        finals = [_records(workdir / variant / f'seed{s}', 'eval')[-1] for s in (0, 1)]
-        for metric in ('top1', 'top5', 'loss'):
-            values = [f[metric] for f in finals]
-            assert float(row[f'{metric}_mean']) == pytest.approx(statistics.mean(values), 1e-12)
-            assert float(row[f'{metric}_std']) == pytest.approx(statistics.stdev(values), 1e-12)
-        top1 = ' ± '.join(f'{100 * v:.2f}' for v in (statistics.mean(f['top1'] for f in finals),
-                                                     statistics.stdev(f['top1'] for f in finals)))
-        assert f'| {variant} |' in table and top1 in table
-        config = json.loads((workdir / variant / 'seed0' / 'config.json').read_text())
-        assert int(row['params']) == _real_param_count(config)
-        assert f"{int(row['params']):,}" in table
-        assert row['seeds'] == '2' and row['steps'] == '6'
+        _check_variant_row(workdir, variant, row, table)
     for run in runs:
-        run_dir = workdir / run['variant'] / f"seed{run['seed']}"
-        speeds = [r['images_per_sec'] for r in _records(run_dir, 'train')]
-        assert float(run['images_per_sec']) == pytest.approx(statistics.median(speeds), 1e-12)
-        assert float(run['top1']) == _records(run_dir, 'eval')[-1]['top1']
-        assert float(run['train_loss']) == _records(run_dir, 'train')[-1]['loss']
-        assert float(run['wall_time_sec']) > 0
+        _check_run_row(workdir, run)
     assert float(rows['narrow']['macs']) < float(rows['wide']['macs'])
+    _check_plots(workdir)
 
+
+def _check_finished_runs(workdir: Path, interrupted: str) -> None:
+    """Every run of the tiny sweep finished all 6 steps, the interrupted variant's on a second
+    attempt, with its own seed and widths."""
+    for variant in ('narrow', 'wide'):
+        for seed in (0, 1):
+            run_dir = workdir / variant / f'seed{seed}'
+            # Resumed from the checkpoint at step 3, not restarted: every step logged once.
+            assert [r['step'] for r in _records(run_dir, 'train')] == [1, 2, 3, 4, 5, 6]
+            assert _records(run_dir, 'eval')[-1]['step'] == 6
+            status = json.loads((run_dir / sweep.RUN_FILE).read_text())
+            assert status['attempts'] == (2 if variant == interrupted else 1)
+            assert status['finished'] and status['returncode'] == 0
+            config = json.loads((run_dir / 'config.json').read_text())
+            assert config['seed'] == seed
+            assert tuple(config['model']['stage_widths']) == ((8, 8) if variant == 'narrow'
+                                                              else (8, 16))
+
+
+def _check_variant_row(workdir: Path, variant: str, row: dict, table: str) -> None:
+    """A results.csv row (and its results.md line) against its two seeds' own metrics."""
+    finals = [_records(workdir / variant / f'seed{s}', 'eval')[-1] for s in (0, 1)]
+    for metric in ('top1', 'top5', 'loss'):
+        values = [f[metric] for f in finals]
+        assert float(row[f'{metric}_mean']) == pytest.approx(statistics.mean(values), 1e-12)
+        assert float(row[f'{metric}_std']) == pytest.approx(statistics.stdev(values), 1e-12)
+    top1 = ' ± '.join(f'{100 * v:.2f}' for v in (statistics.mean(f['top1'] for f in finals),
+                                                 statistics.stdev(f['top1'] for f in finals)))
+    assert f'| {variant} |' in table and top1 in table
+    config = json.loads((workdir / variant / 'seed0' / 'config.json').read_text())
+    assert int(row['params']) == _real_param_count(config)
+    assert f"{int(row['params']):,}" in table
+    assert row['seeds'] == '2' and row['steps'] == '6'
+
+
+def _check_run_row(workdir: Path, run: dict) -> None:
+    """A runs.csv row against that run's metrics.jsonl."""
+    run_dir = workdir / run['variant'] / f"seed{run['seed']}"
+    speeds = [r['images_per_sec'] for r in _records(run_dir, 'train')]
+    assert float(run['images_per_sec']) == pytest.approx(statistics.median(speeds), 1e-12)
+    assert float(run['top1']) == _records(run_dir, 'eval')[-1]['top1']
+    assert float(run['train_loss']) == _records(run_dir, 'train')[-1]['loss']
+    assert float(run['wall_time_sec']) > 0
+
+
+def _check_plots(workdir: Path) -> None:
     for name, size in (('accuracy_vs_macs.png', (600, 400)),
                        ('accuracy_vs_params.png', (600, 400)), ('curves.png', (1000, 400))):
         path = workdir / name
