@@ -24,6 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax.traverse_util
 import jax
 import numpy as np
 from etils import epath
@@ -137,7 +138,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str,
         lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
                            train=False))
     flat = {f'{collection}/{path}': leaf for collection in ('params', 'batch_stats')
-            for path, leaf in _flatten(shapes[collection]).items()}
+            for path, leaf in flax.traverse_util.flatten_dict(shapes[collection],
+                                                               sep='/').items()}
     keys = {ours: torch_key(ours, model.avg_down) for ours in flat}
 
     missing = [key for key in keys.values() if key not in state_dict]
@@ -163,34 +165,14 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str,
                 f'{_describe(name, overrides)} needs {_torch_shape(leaf.shape, ours)} there. '
                 'Check --name (and the model overrides).')
         out[collection][path] = value.astype(leaf.dtype)
-    return {collection: _unflatten(tree) for collection, tree in out.items()}
+    return {collection: flax.traverse_util.unflatten_dict(tree, sep='/')
+            for collection, tree in out.items()}
 
 
 def _describe(name: str, overrides: Mapping[str, Any]) -> str:
     if not overrides:
         return name
     return f'{name} with {", ".join(f"{k}={v}" for k, v in overrides.items())}'
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f'{prefix}{key}/'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return tree
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.traverse_util
 import ml_collections
 from etils import epath
 
@@ -108,14 +109,9 @@ def _plain(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, A
     return json.loads(json.dumps(dict(config), default=str))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
+def _dotted(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """{'model': {'depth': 50}} -> {'model.depth': 50}: the names --config.X flags use."""
+    return flax.traverse_util.flatten_dict(dict(tree), sep='.')
 
 
 def _network(model_fields: Mapping[str, Any], ignore: tuple[str, ...]) -> dict[str, Any]:
@@ -145,8 +141,8 @@ def check_same_network(saved_model: Mapping[str, Any], new_model: Mapping[str, A
     """Raises a one-line ConfigChangeError when the two model sections build different nets."""
     changed = network_changes(saved_model, new_model, ignore)
     if changed:
-        saved = _flatten({'model': _plain(saved_model)})
-        new = _flatten({'model': _plain(new_model)})
+        saved = _dotted({'model': _plain(saved_model)})
+        new = _dotted({'model': _plain(new_model)})
         raise ConfigChangeError(f'{where} was written by another network '
                                 f'({_diff(changed, saved, new)} here); {fix}')
 
@@ -178,7 +174,7 @@ def check_resume(workdir: epath.PathLike, config: ml_collections.ConfigDict,
     where = f'--workdir={workdir}'
     check_same_network(saved.get('model', {}), config.model, f'The checkpoint in {where}',
                        'use the config that wrote it (its config.json) or a fresh --workdir.')
-    saved_flat, new_flat = _flatten(saved), _flatten(_plain(config))
+    saved_flat, new_flat = _dotted(saved), _dotted(_plain(config))
     # Fields only one side has come from a code update (a new field with its default); skip.
     changed = sorted(name for name in saved_flat.keys() & new_flat.keys()
                      if saved_flat[name] != new_flat[name] and not _is_network_field(name)
