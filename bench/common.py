@@ -358,6 +358,17 @@ def benchmark_step(setup: Setup, inference: bool, steps_per_window: int, windows
     return result
 
 
+def run_step_benchmark(inference: bool) -> None:
+    """bench.train_throughput and bench.inference_throughput: the config from the flags, its
+    train (or eval) step timed, the result reported."""
+    config = config_from_flags()
+    setup = setup_eval(config) if inference else setup_train(config)
+    result = benchmark_step(setup, inference=inference, steps_per_window=FLAGS.steps,
+                            windows=FLAGS.windows, warmup=FLAGS.warmup,
+                            peak_tflops=FLAGS.peak_tflops)
+    report(result, FLAGS.json)
+
+
 # ---------------------------------------------------------------------------------------------
 # Printing
 

@@ -17,18 +17,11 @@ from absl import app
 from bench import common
 from resnet_flax import cli
 
-FLAGS = common.FLAGS
-
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    config = common.config_from_flags()
-    setup = common.setup_train(config)
-    result = common.benchmark_step(setup, inference=False, steps_per_window=FLAGS.steps,
-                                   windows=FLAGS.windows, warmup=FLAGS.warmup,
-                                   peak_tflops=FLAGS.peak_tflops)
-    common.report(result, FLAGS.json)
+    common.run_step_benchmark(inference=False)
 
 
 if __name__ == '__main__':
