@@ -172,22 +172,30 @@ def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
     )
 
 
-@pytest.mark.slow
-def test_gradient_accumulation_averages_the_micro_batch_gradients():
-    # Reference: the gradient of each micro-batch on its own, averaged, then one SGD update.
-    config = tiny_config(**{'optimizer.momentum': 0.0, 'optimizer.weight_decay': 0.0,
-                            'optimizer.schedule': 'constant', 'optimizer.warmup_steps': 0,
-                            'optimizer.warmup_epochs': 0.0})
+def _accumulated_step(config, grad_accum_steps: int, learning_rate: float) -> tuple:
+    """A fresh tiny train state, a batch of 32, and one train step over it in
+    `grad_accum_steps` micro-batches: (model, state, batch, new state, metrics)."""
     model = models.from_config(config.model)
     optimizer = optim.create_optimizer(config, 44)
     mesh = sharding.create_mesh()
     state = create_train_state(model, optimizer, jax.random.PRNGKey(0), (16, 16, 3), False, mesh)
     batch = next(data.train_batches(config.data, global_batch_size=32, seed=0, process_index=0,
                                     process_count=1))
-    lr = 0.5
-    accumulated, metrics = steps.train_step(
-        state, batch, model=model, optimizer=optimizer, learning_rate_fn=lambda step: lr,
-        cfg=steps.StepConfig(grad_accum_steps=2), batch_sharding=sharding.batch_sharding(mesh))
+    new_state, metrics = steps.train_step(
+        state, batch, model=model, optimizer=optimizer,
+        learning_rate_fn=lambda step: learning_rate,
+        cfg=steps.StepConfig(grad_accum_steps=grad_accum_steps),
+        batch_sharding=sharding.batch_sharding(mesh))
+    return model, state, batch, new_state, metrics
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_averages_the_micro_batch_gradients():
+    # Reference: the gradient of each micro-batch on its own, averaged, then one SGD update.
+    config = tiny_config(**{'optimizer.momentum': 0.0, 'optimizer.weight_decay': 0.0,
+                            'optimizer.schedule': 'constant', 'optimizer.warmup_steps': 0,
+                            'optimizer.warmup_epochs': 0.0})
+    model, state, batch, accumulated, metrics = _accumulated_step(config, 2, learning_rate=0.5)
 
     def loss_fn(params, micro):
         images = micro['image'] / 255.0  # the default StepConfig normalises with (0, 1)
@@ -227,15 +235,7 @@ def test_gradient_accumulation_updates_bn_running_averages_once_per_micro_batch(
     # of every BN input, folded into the running averages k times in sequence.
     k, momentum = 4, 0.8
     config = tiny_config(**{'model.bn_momentum': momentum})
-    model = models.from_config(config.model)
-    optimizer = optim.create_optimizer(config, 44)
-    mesh = sharding.create_mesh()
-    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), (16, 16, 3), False, mesh)
-    batch = next(data.train_batches(config.data, global_batch_size=32, seed=0, process_index=0,
-                                    process_count=1))
-    new_state, _ = steps.train_step(
-        state, batch, model=model, optimizer=optimizer, learning_rate_fn=lambda step: 0.1,
-        cfg=steps.StepConfig(grad_accum_steps=k), batch_sharding=sharding.batch_sharding(mesh))
+    model, state, batch, new_state, _ = _accumulated_step(config, k, learning_rate=0.1)
 
     import flax.traverse_util
 
