@@ -52,6 +52,7 @@ def check_throughput_arithmetic(result: dict, batch_size: int) -> None:
     assert result['env']['backend'] == 'cpu'
 
 
+@pytest.mark.slow
 def test_train_throughput_reports_step_speed_and_flops():
     result = run_bench('train_throughput',
                        [*TINY_DIGITS, '--batch_size_per_device=16', '--peak_tflops=1', *QUICK])

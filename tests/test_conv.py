@@ -17,7 +17,7 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
     (3, 1, 1, 6, 5),   # a basic block's 3x3
     (3, 2, 1, 7, 4),   # strided, odd size (the last row and column are not reached)
     (1, 2, 0, 6, 3),   # a projection shortcut
-    (7, 2, 3, 9, 3),   # the ImageNet stem
+    pytest.param(7, 2, 3, 9, 3, marks=pytest.mark.slow),  # the ImageNet stem (9 s here)
     (3, 1, 1, 1, 8),   # a 1x1 feature map, where XLA:CPU's conv is slowest
 ])
 def test_im2col_matches_xla_convolution_and_its_gradients(kernel, stride, pad, size, channels):

@@ -55,7 +55,7 @@ def _assert_same_logits(name, torch_model, **overrides):
     np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
 
 
-@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+@pytest.mark.parametrize('name', [pytest.param('resnet18', marks=pytest.mark.slow), 'resnet50'])
 def test_logits_match_torchvision_resnet(name):
     _assert_same_logits(name, ref.randomize(ref.build(name)))
 
@@ -64,10 +64,10 @@ def test_logits_match_torchvision_resnet(name):
     # Same block layout as the full nets, narrower stages to keep the test fast.
     ('resnext50_32x4d', dict(widths=(16, 32, 64, 128), stem_width=16),
      dict(stage_widths=(16, 32, 64, 128), stem_width=16)),
-    ('wide_resnet50_2', dict(widths=(8, 16, 32, 64), stem_width=8),
-     dict(stage_widths=(8, 16, 32, 64), stem_width=8)),
-    ('resnet50d', dict(widths=(8, 16, 32, 64), stem_width=16),
-     dict(stage_widths=(8, 16, 32, 64), stem_width=16)),
+    pytest.param('wide_resnet50_2', dict(widths=(8, 16, 32, 64), stem_width=8),
+                 dict(stage_widths=(8, 16, 32, 64), stem_width=8), marks=pytest.mark.slow),
+    pytest.param('resnet50d', dict(widths=(8, 16, 32, 64), stem_width=16),
+                 dict(stage_widths=(8, 16, 32, 64), stem_width=16), marks=pytest.mark.slow),
 ])
 def test_grouped_wide_and_resnet_d_logits_match_torch(name, torch_kwargs, overrides):
     _assert_same_logits(name, ref.randomize(ref.build(name, **torch_kwargs)), **overrides)

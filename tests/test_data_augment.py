@@ -66,7 +66,8 @@ def test_geometric_ops_at_full_magnitude_match_pil(smooth_image, op, pil_transfo
     assert diff.mean() < 2.5  # edge pixels interpolate against the fill differently
 
 
-@pytest.mark.parametrize('name', ['randaugment', 'trivialaugment'])
+@pytest.mark.parametrize('name', [pytest.param('randaugment', marks=pytest.mark.slow),
+                                  'trivialaugment'])
 def test_auto_augment_keeps_shape_and_dtype_and_is_seeded(smooth_image, name):
     cfg = configs.base.get_config().data
     cfg.auto_augment = name

@@ -115,7 +115,8 @@ def test_same_seed_same_order_other_seed_differs(imagenet_dir):
 
 # Inside the first epoch, and inside the second; the random draws must be reproduced too.
 @pytest.mark.parametrize('start_step, augment', [
-    (2, {'mixup_alpha': 0.2, 'cutmix_alpha': 1.0}), (4, {'auto_augment': 'trivialaugment'})])
+    (2, {'mixup_alpha': 0.2, 'cutmix_alpha': 1.0}),
+    pytest.param(4, {'auto_augment': 'trivialaugment'}, marks=pytest.mark.slow)])
 def test_resumed_iterator_continues_where_it_stopped(imagenet_dir, start_step, augment):
     cfg = imagenet_config(imagenet_dir, **augment)
     full = train(cfg, start_step + 2)

@@ -58,6 +58,7 @@ def test_flip_mirrors_some_examples_and_keeps_the_others():
 MIXES = [{'mixup_alpha': 0.4}, {'cutmix_alpha': 1.0}, {'mixup_alpha': 0.2, 'cutmix_alpha': 1.0}]
 
 
+@pytest.mark.slow  # two compiles of Mixup+CutMix: 14 s here
 @pytest.mark.parametrize('mix', MIXES[2:])  # both: the per-batch choice is drawn too
 def test_draws_are_a_pure_function_of_seed_and_step(mix):
     batch = uint8_batch()

@@ -33,7 +33,7 @@ def run_diagram(*args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+@pytest.mark.parametrize('name', ['resnet18', pytest.param('resnet50', marks=pytest.mark.slow)])
 def test_diagram_command_writes_a_picture_of_the_blocks_and_stages(name, tmp_path):
     out = tmp_path / f'{name}.png'
     result = run_diagram(name, '--text', f'--out={out}')

@@ -84,6 +84,7 @@ def test_eval_json_reports_the_metrics_of_the_last_in_training_eval(trained):
         assert reported[name] == pytest.approx(logged[name], abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_eval_of_an_earlier_step_and_of_the_ema_weights_match_the_training_log(trained):
     logged = _eval_records(trained)
     step3 = eval_checkpoint.evaluate_checkpoint(tiny_config(ema_decay=EMA_DECAY), str(trained),
@@ -97,6 +98,7 @@ def test_eval_of_an_earlier_step_and_of_the_ema_weights_match_the_training_log(t
     assert ema6['loss'] != pytest.approx(logged[6]['loss'], abs=1e-4)  # really other weights
 
 
+@pytest.mark.slow
 def test_a_step_directory_evaluates_like_its_workdir(trained):
     config = tiny_config()
     by_step = eval_checkpoint.evaluate_checkpoint(
@@ -106,6 +108,7 @@ def test_a_step_directory_evaluates_like_its_workdir(trained):
     assert by_step['top1'] == by_workdir['top1'] and by_step['loss'] == by_workdir['loss']
 
 
+@pytest.mark.slow
 def test_best_step_is_the_one_with_the_highest_eval_top1(trained):
     logged = _eval_records(trained)
     best = max((3, 6), key=lambda s: (logged[s]['top1'], s))
@@ -122,6 +125,7 @@ def test_missing_checkpoint_is_a_one_line_error_from_eval_py(tmp_path):
     assert _one_error_line(result).startswith(f'Error: No checkpoint at {tmp_path / "nothing"}')
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_and_steps_are_one_line_errors(trained, tmp_path):
     wider = tiny_config(**{'model.stage_widths': (8, 32)})
     cases = [
@@ -165,6 +169,7 @@ def _digit_png(path, pixels: np.ndarray) -> None:
     Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode='L').save(path)
 
 
+@pytest.mark.slow
 def test_digit_png_is_preprocessed_as_the_eval_split_and_predicted(trained, tmp_path):
     config = tiny_config()
     batch = next(data.eval_batches(config.data, global_batch_size=8))
@@ -315,6 +320,7 @@ def test_init_from_a_1000_class_checkpoint_keeps_a_fresh_10_class_head(converted
     assert got['head/kernel'].shape == (16, 10)
 
 
+@pytest.mark.slow
 def test_init_from_a_train_workdir_loads_params_bn_statistics_and_ema(trained, capsys):
     config = tiny_config(ema_decay=0.99)
     model = models.from_config(config.model)

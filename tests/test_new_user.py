@@ -152,7 +152,7 @@ def test_mistyped_override_is_one_line_naming_the_field(tmp_path):
     assert not workdir.exists()
 
 
-@pytest.mark.parametrize('where', ['file', 'under_file'])
+@pytest.mark.parametrize('where', ['file', pytest.param('under_file', marks=pytest.mark.slow)])
 def test_workdir_that_cannot_be_a_directory_is_one_line_naming_it(tmp_path, where):
     blocker = tmp_path / 'notes.txt'
     blocker.write_text('keep me\n')

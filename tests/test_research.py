@@ -48,6 +48,7 @@ def test_block_grad_norms_are_logged_make_up_the_global_norm_and_are_plotted(tmp
     assert result['files']['grad_norms.png'].read_bytes()[:4] == b'\x89PNG'
 
 
+@pytest.mark.slow
 def test_block_grad_norms_are_off_by_default(tmp_path):
     train.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=2), str(tmp_path))
     assert not [k for k in _train_records(tmp_path)[0] if k.startswith('grad_norm/')]
@@ -119,6 +120,7 @@ def test_drop_path_and_head_dropout_are_the_identity_at_eval_and_random_in_train
     np.testing.assert_array_equal(train_logits(plain, 1), train_logits(plain, 2))
 
 
+@pytest.mark.slow
 def test_train_step_randomness_is_a_function_of_seed_and_step():
     model = _tiny(drop_path_rate=0.5, head_dropout_rate=0.5)
     x = _images()

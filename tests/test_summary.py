@@ -59,12 +59,18 @@ def test_grouped_conv_macs_are_divided_by_the_group_count():
     assert summarize('resnext50_32x4d')['macs'] / 1e9 == pytest.approx(4.23, rel=0.02)
 
 
-@pytest.mark.parametrize('name', models.names())
+# The deepest and widest nets take 3-20 s each to trace here: those run with the slow tests.
+TRACED_SLOWLY = {'resnet1202', 'resnet200', 'resnet152', 'resnext101_32x8d', 'wide_resnet101_2'}
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.slow) if n in TRACED_SLOWLY else n for n in models.names()])
 def test_layers_equal_the_number_in_the_name(name):
     expected = int(re.match(r'\D+(\d+)', name).group(1))
     assert summarize(name)['layers'] == expected
 
 
+@pytest.mark.slow
 def test_resnet1202_matches_the_papers_19_4m_params():
     assert summarize('resnet1202')['params'] == pytest.approx(19.4e6, rel=0.03)
 
@@ -111,6 +117,7 @@ def _cli(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_cli_json_and_config():
     by_name = json.loads(_cli('resnet50', '--json'))
     assert (by_name['params'], by_name['layers']) == (25_557_032, 50)
@@ -120,6 +127,7 @@ def test_cli_json_and_config():
     assert (by_config['params'], by_config['layers']) == (44_549_160, 101)
 
 
+@pytest.mark.slow
 def test_cli_compare_and_table():
     table = _cli('--compare', 'resnet34', 'resnet50')
     assert 'resnet34' in table and 'resnet50' in table and '3.664G' in table

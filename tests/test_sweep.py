@@ -180,7 +180,9 @@ def test_print_commands_reproduce_each_runs_config(tmp_path, monkeypatch):
     assert json.loads((tmp_path / sweep.SWEEP_FILE).read_text())['seeds'] == [0, 1, 2]
 
 
-@pytest.mark.parametrize('name', ABLATIONS)
+@pytest.mark.parametrize('name', [  # two here; every sweep with the slow tests (2-8 s each)
+    n if n in ('block_type', 'depth') else pytest.param(n, marks=pytest.mark.slow)
+    for n in ABLATIONS])
 def test_ablation_sweeps_define_buildable_variants(name):
     config = _load(name)
     grid = sweep.variants(config)
