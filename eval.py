@@ -29,7 +29,7 @@ flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')
 cli.define_distributed_flags()
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     cli.setup(FLAGS)

@@ -19,7 +19,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 cli.define_distributed_flags()
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     cli.setup(FLAGS)

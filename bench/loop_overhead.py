@@ -26,9 +26,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import ml_collections
 from absl import app, flags
 from etils import epath
 
@@ -39,7 +41,8 @@ FLAGS = common.FLAGS
 flags.DEFINE_string('workdir', '', 'Workdir of the loop run; default: a temporary directory.')
 
 
-def loop_config(config, steps_per_window: int, windows: int, warmup: int):
+def loop_config(config: ml_collections.ConfigDict, steps_per_window: int, windows: int,
+                warmup: int) -> tuple[ml_collections.ConfigDict, int]:
     """A copy of the benchmark config for the loop: log (= sync) every window; eval and
     checkpoint only at the end. Returns it and the number of leading windows to leave out."""
     config = copy.deepcopy(config)
@@ -57,7 +60,7 @@ def loop_config(config, steps_per_window: int, windows: int, warmup: int):
 
 
 @contextlib.contextmanager
-def timed_train_step(stamps: list[float]):
+def timed_train_step(stamps: list[float]) -> Iterator[None]:
     """Makes the loop's jitted step record `time.perf_counter()` before each call."""
     original = train.jit_train_step
 
@@ -77,7 +80,8 @@ def timed_train_step(stamps: list[float]):
         train.jit_train_step = original
 
 
-def run_loop(config, skipped: int, windows: int, workdir: str) -> dict[str, Any]:
+def run_loop(config: ml_collections.ConfigDict, skipped: int, windows: int,
+             workdir: str) -> dict[str, Any]:
     steps_per_window = config.log_every_steps
     stamps: list[float] = []
     with timed_train_step(stamps), contextlib.redirect_stdout(sys.stderr):

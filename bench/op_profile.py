@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 from absl import app, flags
 
 from bench import common
@@ -162,7 +163,7 @@ _TORCH_KINDS = (  # ATen op name pieces -> kind, first match wins
 )
 
 
-def profile_torch(config, steps: int, warmup: int) -> tuple[dict, list]:
+def profile_torch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> tuple[dict, list]:
     """ms per step of each kind of PyTorch's step on the same network (ATen self times)."""
     import torch
 

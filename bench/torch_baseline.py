@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 
 from bench import common
@@ -62,7 +63,8 @@ flags.DEFINE_bool('omp_passive', True,
 # The network in torch.nn (torchvision's layout)
 
 
-def build_torch_model(model_cfg, use_torchvision: bool = True) -> tuple[Any, str]:
+def build_torch_model(model_cfg: ml_collections.ConfigDict,
+                      use_torchvision: bool = True) -> tuple[Any, str]:
     """The config's ResNet as a torch module, and where it came from."""
     flax_model = models.from_config(model_cfg)
     _check_torch_can_build(flax_model)
@@ -201,7 +203,7 @@ def _torchvision_model(flax_model: models.ResNet, depth: int):
     return getattr(torchvision.models, name)(num_classes=flax_model.num_classes)
 
 
-def count_parameters(model) -> int:
+def count_parameters(model: Any) -> int:  # a torch.nn.Module
     return sum(p.numel() for p in model.parameters())
 
 
@@ -303,8 +305,9 @@ class TorchSetup:
                     cudnn=torch.backends.cudnn.version() if self.cuda else None)
 
 
-def torch_result(setup: TorchSetup, config, first_step_s: float, times: list[float],
-                 flops_per_image: float, compile_error: str | None = None) -> dict[str, Any]:
+def torch_result(setup: TorchSetup, config: ml_collections.ConfigDict, first_step_s: float,
+                 times: list[float], flops_per_image: float,
+                 compile_error: str | None = None) -> dict[str, Any]:
     result = dict(
         benchmark='torch_train',
         source=setup.source,
@@ -331,7 +334,7 @@ def torch_result(setup: TorchSetup, config, first_step_s: float, times: list[flo
     return result
 
 
-def start_torch(config) -> tuple[TorchSetup, float, str | None]:
+def start_torch(config: ml_collections.ConfigDict) -> tuple[TorchSetup, float, str | None]:
     """The PyTorch side after its first step (where torch.compile compiles), the seconds that
     took, and why torch.compile failed if it did: then the step runs eager, on a fresh model."""
     def first_step(compile_model: str) -> tuple[TorchSetup, float]:

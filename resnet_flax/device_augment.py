@@ -22,6 +22,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from resnet_flax import data
 
@@ -44,7 +45,7 @@ class AugmentConfig:
     num_classes: int = 0  # the width of the soft labels that mixing makes
 
     @classmethod
-    def from_config(cls, config) -> AugmentConfig:
+    def from_config(cls, config: ml_collections.ConfigDict) -> AugmentConfig:
         """The device recipe of an experiment config (the data set's statistics by default)."""
         return dataclasses.replace(
             cls.normalization_only(config.data),
@@ -57,7 +58,7 @@ class AugmentConfig:
         )
 
     @classmethod
-    def normalization_only(cls, data_cfg) -> AugmentConfig:
+    def normalization_only(cls, data_cfg: ml_collections.ConfigDict) -> AugmentConfig:
         """The eval transform of a data config: its normalisation, nothing random."""
         mean, std = data.normalization(data_cfg)
         return cls(mean_rgb=tuple(float(m) for m in mean), std_rgb=tuple(float(s) for s in std))

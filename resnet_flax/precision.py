@@ -20,6 +20,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 PyTree = Any
 
@@ -30,7 +31,7 @@ GROWTH_FACTOR = 2.0
 BACKOFF_FACTOR = 0.5
 
 
-def check_training_dtypes(model_cfg) -> None:
+def check_training_dtypes(model_cfg: ml_collections.ConfigDict) -> None:
     """One-line errors for dtypes that would train badly."""
     if model_cfg.param_dtype != 'float32':
         raise ValueError(

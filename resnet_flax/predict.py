@@ -16,6 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from resnet_flax import device_augment
@@ -45,7 +46,7 @@ class Prediction:
         return '\n'.join([self.image, *rows])
 
 
-def class_names(data_cfg, num_classes: int) -> tuple[str, ...]:
+def class_names(data_cfg: ml_collections.ConfigDict, num_classes: int) -> tuple[str, ...]:
     """The data set's class names, or 'class N' where it has none (or not as many)."""
     names = single_image.label_names(data_cfg)
     if len(names) != num_classes:
@@ -58,8 +59,8 @@ def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-probabilities, axis=-1, kind='stable')[:, :k]
 
 
-def predict_files(model: nn.Module, variables: PyTree, paths: Sequence[str], data_cfg,
-                  k: int = 5) -> list[Prediction]:
+def predict_files(model: nn.Module, variables: PyTree, paths: Sequence[str],
+                  data_cfg: ml_collections.ConfigDict, k: int = 5) -> list[Prediction]:
     """The top-`k` classes of each image file under `model` with `variables`."""
     images = np.stack([single_image.load_eval_image(path, data_cfg) for path in paths])
     augment = device_augment.AugmentConfig.normalization_only(data_cfg)

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import NamedSharding
 
@@ -36,7 +37,7 @@ class StepConfig:
     augment: AugmentConfig = AugmentConfig()  # normalisation, flips, Mixup/CutMix
 
     @classmethod
-    def from_config(cls, config) -> StepConfig:
+    def from_config(cls, config: ml_collections.ConfigDict) -> StepConfig:
         """The step options of an experiment config (top-level training fields)."""
         return cls(
             label_smoothing=config.label_smoothing,

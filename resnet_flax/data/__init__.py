@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 
 from resnet_flax.data import info as info_lib
@@ -36,7 +37,7 @@ __all__ = ['DatasetInfo', 'eval_batches', 'get_info', 'normalization', 'random_f
 Batch = dict[str, np.ndarray]
 
 
-def loader(data_cfg) -> str:
+def loader(data_cfg: ml_collections.ConfigDict) -> str:
     """Who reads an image folder, TFDS set or prepared store: 'tf', 'grain' or 'dali'.
 
     'auto' is tf.data where TensorFlow is installed (the measured TPU default) and grain where
@@ -75,13 +76,13 @@ def _source(data_cfg):
     return source
 
 
-def get_info(data_cfg) -> DatasetInfo:
+def get_info(data_cfg: ml_collections.ConfigDict) -> DatasetInfo:
     """Sizes, classes and image shape; validates the config and fails early if data is missing."""
     info_lib.validate(data_cfg)
     return _source(data_cfg).get_info(data_cfg)
 
 
-def split_names(data_cfg) -> tuple[str, ...] | None:
+def split_names(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
     """The split names the data set has, or None where they are not listed (digits,
     synthetic, held-out image folders, a TFDS data set that is not there)."""
     if data_cfg.dataset == 'image_folder':
@@ -106,7 +107,7 @@ def split_names(data_cfg) -> tuple[str, ...] | None:
         return None
 
 
-def normalization(data_cfg) -> tuple[np.ndarray, np.ndarray]:
+def normalization(data_cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) float32 [3] in [0, 1] pixel units: the config's, or the data set's own."""
     if data_cfg.dataset == 'digits':
         from resnet_flax.data import digits
@@ -115,13 +116,14 @@ def normalization(data_cfg) -> tuple[np.ndarray, np.ndarray]:
     return info_lib.normalization(data_cfg, *info_lib.default_statistics(data_cfg.dataset))
 
 
-def random_flip(data_cfg) -> bool:
+def random_flip(data_cfg: ml_collections.ConfigDict) -> bool:
     """Whether training mirrors images; never for digits (a flipped digit is no digit)."""
     return bool(data_cfg.random_flip) and data_cfg.dataset != 'digits'
 
 
-def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def train_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[Batch]:
     """Infinite iterator over this process's slices of the global train batches."""
     info_lib.validate(data_cfg)
     info_lib.check_process(process_index, process_count)
@@ -133,8 +135,9 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         process_index=process_index, process_count=process_count)
 
 
-def eval_batches(data_cfg, *, global_batch_size: int, split: str | None = None,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def eval_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
+                 split: str | None = None, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
     """One pass over `split` (default data.eval_split); every batch carries 'mask'.
 
     Every process yields the same number of batches, and over all processes each example

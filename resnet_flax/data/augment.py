@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import ml_collections
 import tensorflow as tf
 
 MAX_MAGNITUDE = 30.0
@@ -163,7 +164,7 @@ def trivialaugment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return _apply_random_op(image, magnitude, op_seed)
 
 
-def apply(image: tf.Tensor, seed: tf.Tensor, data_cfg) -> tf.Tensor:
+def apply(image: tf.Tensor, seed: tf.Tensor, data_cfg: ml_collections.ConfigDict) -> tf.Tensor:
     """The config's auto-augmentation ('' = none) on a uint8 image."""
     if data_cfg.auto_augment == 'randaugment':
         return randaugment(image, seed, int(data_cfg.randaugment_num_ops),

@@ -24,6 +24,8 @@ import os
 import re
 from collections.abc import Mapping
 
+import ml_collections
+
 LOCAL_SIZE_VARIABLES = ('LOCAL_WORLD_SIZE', 'SLURM_NTASKS_PER_NODE',
                         'OMPI_COMM_WORLD_LOCAL_SIZE', 'MPI_LOCALNRANKS')
 
@@ -50,7 +52,8 @@ def _launcher_local_size(environ: Mapping[str, str]) -> tuple[int, str] | None:
     return None
 
 
-def processes_per_host(data_cfg, environ: Mapping[str, str] | None = None) -> int:
+def processes_per_host(data_cfg: ml_collections.ConfigDict,
+                       environ: Mapping[str, str] | None = None) -> int:
     configured = int(data_cfg.get('processes_per_host', 0))
     if configured > 0:
         return configured
@@ -67,7 +70,7 @@ def _available_cores() -> tuple[int, int]:
         return host, host
 
 
-def compute(data_cfg, *, environ: Mapping[str, str] | None = None,
+def compute(data_cfg: ml_collections.ConfigDict, *, environ: Mapping[str, str] | None = None,
             cores: tuple[int, int] | None = None) -> Budget:
     """This process's budget from the config; `environ` and `cores` (mine, host's) are for
     tests and default to the real ones."""

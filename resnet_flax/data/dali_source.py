@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 
 from resnet_flax.data import budget as budget_lib
@@ -47,7 +48,7 @@ def _dali():
     return dali, dali_jax
 
 
-def get_info(data_cfg) -> info_lib.DatasetInfo:
+def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
     _dali()
     return grain_source.get_info(data_cfg)
 
@@ -100,8 +101,8 @@ def _run(pipe, steps: int, masks: list[np.ndarray] | None) -> Iterator[Batch]:
         yield out
 
 
-def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
-                  process_index: int, process_count: int) -> Iterator[Batch]:
+def train_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                  start_step: int, process_index: int, process_count: int) -> Iterator[Batch]:
     source = grain_source.records(data_cfg, data_cfg.train_split)
     local = info_lib.local_batch_size(global_batch_size, process_count)
     plan = grain_source.TrainPlan(len(source), global_batch_size, local, process_index, seed)
@@ -117,8 +118,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         step += len(planned)
 
 
-def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,
-                 process_count: int) -> Iterator[Batch]:
+def eval_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, split: str,
+                 process_index: int, process_count: int) -> Iterator[Batch]:
     if data_cfg.get('eval_preset', '') == 'torchvision':
         raise ValueError("data.eval_preset='torchvision' is implemented by the 'tf' and 'grain' "
                          "loaders; evaluate with data.loader='grain' (or 'tf').")

@@ -12,7 +12,9 @@ flipped.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 
 from resnet_flax.data import in_memory
@@ -76,7 +78,7 @@ def _train_statistics(size: int) -> tuple[float, float]:
     return float(big.mean()), float(big.std())
 
 
-def normalization(data_cfg) -> tuple[np.ndarray, np.ndarray]:
+def normalization(data_cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) [3]: the config's, or the upsampled train split's own."""
     train_mean, train_std = _train_statistics(int(data_cfg.image_size))
     return info_lib.normalization(data_cfg, [train_mean] * 3, [train_std] * 3)
@@ -90,7 +92,7 @@ def _train_crop(data_cfg) -> str:
     return crop
 
 
-def get_info(data_cfg) -> info_lib.DatasetInfo:
+def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
     _train_crop(data_cfg)
     size = int(data_cfg.image_size)
     return info_lib.DatasetInfo(
@@ -117,8 +119,9 @@ def _make_batch_fn(data_cfg, split: str, train: bool) -> in_memory.MakeBatch:
     return make_batch
 
 
-def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
-                  process_index: int, process_count: int):
+def train_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                  start_step: int, process_index: int,
+                  process_count: int) -> Iterator[info_lib.Batch]:
     make_batch = _make_batch_fn(data_cfg, data_cfg.train_split, train=True)
     return in_memory.train_batches(
         make_batch, len(_split(data_cfg.train_split)[1]), global_batch_size=global_batch_size,
@@ -126,8 +129,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         process_count=process_count)
 
 
-def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,
-                 process_count: int):
+def eval_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, split: str,
+                 process_index: int, process_count: int) -> Iterator[info_lib.Batch]:
     make_batch = _make_batch_fn(data_cfg, split, train=False)
     return in_memory.eval_batches(
         make_batch, len(_split(split)[1]), global_batch_size=global_batch_size,

@@ -25,7 +25,9 @@ import concurrent.futures
 import dataclasses
 import functools
 import io
+from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -150,7 +152,7 @@ def _index(root: str, train_split: str, eval_split: str, holdout_fraction: float
     return Index(tuple(classes), splits, skipped)
 
 
-def index(data_cfg) -> Index:
+def index(data_cfg: ml_collections.ConfigDict) -> Index:
     """The folder's classes, splits and skipped files (cached per process)."""
     if not data_cfg.data_dir:
         raise ValueError('data.dataset=image_folder needs data.data_dir=ROOT (ROOT/CLASS/*.jpg).')
@@ -170,7 +172,7 @@ def _split(data_cfg, name: str) -> Split:
     return found.splits[name]
 
 
-def get_info(data_cfg) -> info_lib.DatasetInfo:
+def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
     found = index(data_cfg)
     size = int(data_cfg.image_size)
     return info_lib.DatasetInfo(
@@ -233,8 +235,9 @@ def _recipes(data_cfg) -> tuple[str, str]:
     return data_cfg.train_crop or 'inception', data_cfg.eval_crop or 'center'
 
 
-def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
-                  process_index: int, process_count: int):
+def train_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                  start_step: int, process_index: int,
+                  process_count: int) -> Iterator[info_lib.Batch]:
     from resnet_flax.data import tf_pipeline
 
     tf = tf_pipeline.tf
@@ -282,8 +285,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
     return tf_pipeline.as_numpy(ds)
 
 
-def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,
-                 process_count: int):
+def eval_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, split: str,
+                 process_index: int, process_count: int) -> Iterator[info_lib.Batch]:
     from resnet_flax.data import tf_pipeline
 
     tf = tf_pipeline.tf
@@ -311,7 +314,7 @@ def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index:
     return tf_pipeline.as_numpy(ds.with_options(tf_pipeline.options(data_cfg)))
 
 
-def split_names(data_cfg) -> tuple[str, ...] | None:
+def split_names(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
     """The splits the folder offers: ROOT/<name>/CLASS/ folders (only the train split for
     ROOT/CLASS/*), or None with data.holdout_fraction > 0 (the eval split is then held out)."""
     root = epath.Path(data_cfg.data_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
 # Per-channel statistics in [0, 1] pixel units.
@@ -29,6 +30,9 @@ AUTO_AUGMENTS = ('', 'randaugment', 'trivialaugment')
 # Images whose larger side is at most this get the CIFAR recipe by default (pad-crop, resize).
 SMALL_IMAGE_MAX_SIDE = 64
 CHANNELS = 3
+# One process's slice of a batch: 'image' uint8 [B, H, W, 3], 'label' int32 [B] (float32
+# [B, classes] once mixed), plus a bool 'mask' [B] in eval (False on padding).
+Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,7 @@ def check_process(process_index: int, process_count: int) -> None:
         )
 
 
-def normalization(data_cfg, default_mean: Sequence[float],
+def normalization(data_cfg: ml_collections.ConfigDict, default_mean: Sequence[float],
                   default_std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) float32 [3] from the config, or the data set's defaults."""
     mean = tuple(data_cfg.mean_rgb) or tuple(default_mean)
@@ -93,7 +97,7 @@ def default_statistics(dataset: str) -> tuple[Sequence[float], Sequence[float]]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def validate(data_cfg) -> None:
+def validate(data_cfg: ml_collections.ConfigDict) -> None:
     """Checks the fields every source reads; raises a one-line ValueError naming the field."""
     if not isinstance(data_cfg.dataset, str) or not data_cfg.dataset:
         raise ValueError(
@@ -155,7 +159,7 @@ def validate(data_cfg) -> None:
     normalization(data_cfg, IMAGENET_MEAN, IMAGENET_STD)  # checks the shapes
 
 
-def eval_image_size(data_cfg) -> int:
+def eval_image_size(data_cfg: ml_collections.ConfigDict) -> int:
     """The eval crop size: data.eval_image_size, or data.image_size when it is 0."""
     size = int(data_cfg.get('eval_image_size', 0))
     if size < 0:

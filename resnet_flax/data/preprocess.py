@@ -27,6 +27,8 @@ TensorFlow is imported by the callers (tf.data sources) only; import this module
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 
 CHANNELS = 3
@@ -94,7 +96,8 @@ def torchvision_center_crop(encoded: tf.Tensor, size: int, resize_size: int) -> 
     return to_uint8(tf.clip_by_value(crop, 0.0, 255.0))
 
 
-def inception_window(shape: tf.Tensor, seed: tf.Tensor, area_range, aspect_range) -> tf.Tensor:
+def inception_window(shape: tf.Tensor, seed: tf.Tensor, area_range: Sequence[float],
+                     aspect_range: Sequence[float]) -> tf.Tensor:
     """[y, x, h, w] of a random crop; the whole image if 10 draws all fall outside it."""
     whole = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -128,8 +131,9 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.round(image), tf.uint8)
 
 
-def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int, *, area_range,
-                   aspect_range, method: str, antialias: bool) -> tf.Tensor:
+def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int, *,
+                   area_range: Sequence[float], aspect_range: Sequence[float], method: str,
+                   antialias: bool) -> tf.Tensor:
     image = _decode_window(
         encoded, lambda shape: inception_window(shape, seed, area_range, aspect_range))
     return resize(image, size, method, antialias)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 
+import ml_collections
 import numpy as np
 from etils import epath
 
@@ -53,7 +54,7 @@ def read_image_bytes(path: str) -> tuple[bytes, str]:
     return encoded, image_format
 
 
-def load_eval_image(path: str, data_cfg) -> np.ndarray:
+def load_eval_image(path: str, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
     """uint8 [image_size, image_size, 3], preprocessed as `data_cfg`'s eval split is."""
     info_lib.validate(data_cfg)
     encoded, image_format = read_image_bytes(path)
@@ -113,7 +114,7 @@ def _digits_image(encoded: bytes, data_cfg) -> np.ndarray:
     return np.repeat(big[..., None], info_lib.CHANNELS, axis=-1)
 
 
-def label_names(data_cfg) -> tuple[str, ...]:
+def label_names(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Class names of the data set, () when it has none (synthetic). ImageNet's WordNet ids
     (imagenet2012, or image folders named by them) become their short names ('tench')."""
     if data_cfg.dataset in info_lib.BUILT_IN:

@@ -9,6 +9,9 @@ length and the eval pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import ml_collections
 import numpy as np
 
 from resnet_flax.data import in_memory
@@ -25,7 +28,7 @@ def _num_examples(data_cfg, split: str) -> int:
     return int(data_cfg.synthetic_num_eval_examples)
 
 
-def get_info(data_cfg) -> info_lib.DatasetInfo:
+def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
     if data_cfg.synthetic_num_classes < 1 or data_cfg.synthetic_num_train_examples < 1:
         raise ValueError(
             f'data.synthetic_num_classes={data_cfg.synthetic_num_classes} and '
@@ -57,8 +60,9 @@ def _make_batch_fn(data_cfg, seed: int, process_index: int, local: int,
     return make_batch
 
 
-def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
-                  process_index: int, process_count: int):
+def train_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                  start_step: int, process_index: int,
+                  process_count: int) -> Iterator[info_lib.Batch]:
     local = info_lib.local_batch_size(global_batch_size, process_count)
     make_batch = _make_batch_fn(data_cfg, seed, process_index, local, 'train')
     return in_memory.train_batches(
@@ -67,8 +71,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         process_index=process_index, process_count=process_count)
 
 
-def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,
-                 process_count: int):
+def eval_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, split: str,
+                 process_index: int, process_count: int) -> Iterator[info_lib.Batch]:
     local = info_lib.local_batch_size(global_batch_size, process_count)
     make_batch = _make_batch_fn(data_cfg, 0, process_index, local, split)
     return in_memory.eval_batches(

@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -29,7 +30,7 @@ with contextlib.suppress(RuntimeError):  # raised when TF already fixed its devi
 Batch = dict[str, np.ndarray]
 
 
-def options(data_cfg) -> tf.data.Options:
+def options(data_cfg: ml_collections.ConfigDict) -> tf.data.Options:
     """Deterministic order, a private thread pool (this process's share of the host's cores,
     budget.py) and a RAM cap, all from the config."""
     opts = tf.data.Options()
@@ -42,12 +43,12 @@ def options(data_cfg) -> tf.data.Options:
     return opts
 
 
-def parallel_calls(data_cfg) -> int:
+def parallel_calls(data_cfg: ml_collections.ConfigDict) -> int:
     calls = int(data_cfg.num_parallel_calls)
     return tf.data.AUTOTUNE if calls < 0 else max(calls, 1)
 
 
-def prefetch(data_cfg) -> int:
+def prefetch(data_cfg: ml_collections.ConfigDict) -> int:
     batches = int(data_cfg.prefetch_batches)
     return tf.data.AUTOTUNE if batches < 0 else batches
 
@@ -72,7 +73,7 @@ def _resize_to(image: tf.Tensor, size: int, data_cfg) -> tf.Tensor:
             preprocess.resize(image, size, data_cfg.resize_method, data_cfg.antialias)))
 
 
-def train_example_fn(data_cfg, crop: str) -> Callable:
+def train_example_fn(data_cfg: ml_collections.ConfigDict, crop: str) -> Callable:
     """(encoded bytes, label, seed [2]) -> (uint8 [S, S, 3], int32 label).
 
     Flip, normalisation and Mixup/CutMix happen on the device (`device_augment`).
@@ -99,7 +100,7 @@ def train_example_fn(data_cfg, crop: str) -> Callable:
     return tf.function(fn)
 
 
-def eval_example_fn(data_cfg, crop: str) -> Callable:
+def eval_example_fn(data_cfg: ml_collections.ConfigDict, crop: str) -> Callable:
     """(encoded bytes, label) -> (uint8 [S, S, 3], int32 label), S the eval size; normalised
     on the device."""
     size = info_lib.eval_image_size(data_cfg)
@@ -120,14 +121,15 @@ def eval_example_fn(data_cfg, crop: str) -> Callable:
     return fn
 
 
-def batch_train(ds: tf.data.Dataset, data_cfg, *, local_batch: int) -> tf.data.Dataset:
+def batch_train(ds: tf.data.Dataset, data_cfg: ml_collections.ConfigDict, *,
+                local_batch: int) -> tf.data.Dataset:
     """Batches (image, label) pairs into {'image': uint8, 'label': int32} dicts."""
     ds = ds.batch(local_batch, drop_remainder=True, num_parallel_calls=parallel_calls(data_cfg))
     return ds.map(lambda image, label: {'image': image, 'label': label})
 
 
-def pad_eval(ds: tf.data.Dataset, data_cfg, *, count: int, num_batches: int,
-             local_batch: int) -> tf.data.Dataset:
+def pad_eval(ds: tf.data.Dataset, data_cfg: ml_collections.ConfigDict, *, count: int,
+             num_batches: int, local_batch: int) -> tf.data.Dataset:
     """Appends masked zero examples so this process yields exactly `num_batches` batches."""
     size = info_lib.eval_image_size(data_cfg)
     ds = ds.map(lambda image, label: (image, label, True))

@@ -16,10 +16,17 @@ every other process and marks the padding with mask False.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import ml_collections
 from etils import epath
 
 from resnet_flax.data import budget
 from resnet_flax.data import info as info_lib
+
+if TYPE_CHECKING:  # imported on first use at run time (_tf)
+    import tensorflow_datasets as tfds
 
 MANUAL_DATASETS = ('imagenet2012',)
 
@@ -58,7 +65,7 @@ def _not_prepared_error(data_cfg, builder) -> FileNotFoundError:
     )
 
 
-def builder(data_cfg):
+def builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder; a missing data set raises a one-line FileNotFoundError."""
     _, tfds = _tf()
     name = data_cfg.dataset
@@ -96,7 +103,7 @@ def _split_sizes(builder) -> dict[str, int]:
     return {name: split.num_examples for name, split in builder.info.splits.items()}
 
 
-def num_examples(builder, split: str) -> int:
+def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
     """Examples in `split` (TFDS split syntax); counts via the dataset when info has none."""
     sizes = _split_sizes(builder)
     if sizes:
@@ -120,12 +127,13 @@ def _image_max_side(builder) -> int | None:
     return max(shape[0], shape[1])
 
 
-def is_small(builder) -> bool:
+def is_small(builder: tfds.core.DatasetBuilder) -> bool:
     side = _image_max_side(builder)
     return side is not None and side <= info_lib.SMALL_IMAGE_MAX_SIDE
 
 
-def recipes(data_cfg, builder) -> tuple[str, str]:
+def recipes(data_cfg: ml_collections.ConfigDict,
+            builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
     """(train crop, eval crop) with '' resolved from the image size."""
     small = is_small(builder)
     train = data_cfg.train_crop or ('pad' if small else 'inception')
@@ -133,7 +141,7 @@ def recipes(data_cfg, builder) -> tuple[str, str]:
     return train, evaluation
 
 
-def get_info(data_cfg) -> info_lib.DatasetInfo:
+def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
     found = builder(data_cfg)
     _, label_key = _keys(found)
     labels = found.info.features[label_key]
@@ -171,8 +179,9 @@ def _read(data_cfg, found, split: str, *, shuffle_seed: int | None):
     return ds.map(lambda example: (example[image_key], example[label_key]))
 
 
-def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
-                  process_index: int, process_count: int):
+def train_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                  start_step: int, process_index: int,
+                  process_count: int) -> Iterator[info_lib.Batch]:
     tf_pipeline, _ = _tf()
     found = builder(data_cfg)
     local = info_lib.local_batch_size(global_batch_size, process_count)
@@ -211,8 +220,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
                                     lookahead=max(int(data_cfg.prefetch_batches), 1))
 
 
-def eval_batches(data_cfg, *, global_batch_size: int, split: str, process_index: int,
-                 process_count: int):
+def eval_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, split: str,
+                 process_index: int, process_count: int) -> Iterator[info_lib.Batch]:
     tf_pipeline, _ = _tf()
     found = builder(data_cfg)
     local = info_lib.local_batch_size(global_batch_size, process_count)
