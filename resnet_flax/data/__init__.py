@@ -34,7 +34,7 @@ from resnet_flax.data.info import DatasetInfo
 __all__ = ['DatasetInfo', 'eval_batches', 'get_info', 'normalization', 'random_flip',
            'train_batches']
 
-Batch = dict[str, np.ndarray]
+Batch = info_lib.Batch
 
 
 def loader(data_cfg: ml_collections.ConfigDict) -> str:

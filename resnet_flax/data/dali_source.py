@@ -28,7 +28,7 @@ from resnet_flax.data import budget as budget_lib
 from resnet_flax.data import grain_source
 from resnet_flax.data import info as info_lib
 
-Batch = dict[str, np.ndarray]
+Batch = info_lib.Batch
 
 
 def available() -> bool:

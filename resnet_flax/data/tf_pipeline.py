@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable, Iterator
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 from resnet_flax.data import budget
@@ -27,7 +26,7 @@ from resnet_flax.data import augment, preprocess  # noqa: E402
 with contextlib.suppress(RuntimeError):  # raised when TF already fixed its devices
     tf.config.set_visible_devices([], 'GPU')
 
-Batch = dict[str, np.ndarray]
+Batch = info_lib.Batch
 
 
 def options(data_cfg: ml_collections.ConfigDict) -> tf.data.Options:
