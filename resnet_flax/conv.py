@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +67,12 @@ def _is_plain_nhwc(lhs: jax.Array, rhs: jax.Array, padding, lhs_dilation, rhs_di
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                         padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None,  # as lax's: None, 3 strings, or the tuple
                          feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None, *,
+                         precision: Any = None, preferred_element_type: Any = None, *,
                          min_channels: int = 1) -> jax.Array:
     """`lax.conv_general_dilated`, as im2col and one matrix product where supported and the
     input has at least `min_channels` channels."""
