@@ -10,6 +10,7 @@ checkpoint damaged on disk is moved aside instead of silently resuming from wron
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -25,6 +26,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 import resnet_flax
+from resnet_flax import storage
 
 PyTree = Any
 CHECKPOINT_DIR = 'checkpoints'
@@ -37,6 +39,11 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointCorruptError(RuntimeError):
     """A checkpoint's files are missing or damaged."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written: the storage stopped answering for longer than its
+    clients retry (gcsfs about 35 s, tensorstore longer)."""
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -102,12 +109,45 @@ def save(
         'config': config.to_json_best_effort(),
         'checksums': checksums(state),
     }
-    manager.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics,
-        force=True,
-    )
+    with _write_errors_explained(manager, int(step)):
+        manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+        )
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+    """Blocks until the save in flight is committed; a storage failure is one line."""
+    with _write_errors_explained(manager, None):
+        manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _write_errors_explained(manager: ocp.CheckpointManager, step: int | None):
+    """Turns a storage error of a save into a CheckpointWriteError that says what is intact.
+
+    Saves are asynchronous, so a failure surfaces at the next save or wait: it may belong to the
+    save still in flight (which orbax then forgets), or to `step`, the one being started.
+    """
+    newest_before = manager.latest_step()
+    try:
+        yield
+    except Exception as error:
+        if not storage.is_storage_error(error):
+            raise
+        intact = manager.latest_step()
+        failed = newest_before if newest_before != intact else step
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        kept = (f'the checkpoints up to step {intact} are intact' if intact is not None
+                else 'no checkpoint had been committed yet')
+        what = f'the checkpoint of step {failed}' if failed is not None else 'a checkpoint'
+        raise CheckpointWriteError(
+            f'Could not save {what} to {manager.directory}: the storage did not answer '
+            f'({reason}); {kept}. Check the storage (network, credentials), then run the '
+            'same command to resume.') from error
 
 
 def _words(x: jax.Array) -> jax.Array:

@@ -36,12 +36,32 @@ class _DropKnownNoise(std_logging.Filter):
         return not any(text in str(record.msg) for text in self.NOISE)
 
 
+class _ShortStorageTracebacks(std_logging.Filter):
+    """A storage outage ends the run with one line of ours (checkpoint.CheckpointWriteError);
+    the clients' own reports of it (orbax's save thread, gcsfs's retries) keep their message
+    and the error's first line, without the 30-line traceback."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        from resnet_flax import storage
+
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and storage.is_storage_error(error):
+            first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            if first not in record.getMessage():
+                suffix = first.replace('%', '%%') if record.args else first  # %-formatted
+                record.msg = f'{record.msg}: {suffix}'
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def quiet_logs() -> None:
     """The project's own lines and real warnings only; --verbosity brings the rest back."""
     logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's oneDNN notice is INFO
     for name in ('absl', 'jax._src.xla_bridge'):
         std_logging.getLogger(name).addFilter(_DropKnownNoise())
+    # On the handler, so that it sees every library's records (gcsfs, fsspec, orbax's threads).
+    logging.get_absl_handler().addFilter(_ShortStorageTracebacks())
 
 
 def setup(flag_values: flags.FlagValues) -> None:

@@ -44,3 +44,27 @@ def retry(call: Callable[[], T], what: str, *, deadline_seconds: float,
                             else type(error).__name__, wait)
             time.sleep(wait)
             wait, attempt = min(2 * wait, max_wait), attempt + 1
+
+
+# Status codes (tensorstore, gRPC, absl) of a store that did not answer, as opposed to one
+# that answered that something is wrong with the files.
+_UNAVAILABLE_CODES = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'ABORTED', 'RESOURCE_EXHAUSTED')
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is the storage failing to answer: a connection
+    refused, reset or timed out (OSError: gcsfs's aiohttp errors are OSErrors), an HTTP error
+    of gcsfs or google-cloud-storage, or a tensorstore status such as UNAVAILABLE."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(seen) < 8:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    for e in seen:
+        if isinstance(e, OSError):
+            return True
+        module = type(e).__module__
+        if module.startswith(('gcsfs', 'google.api_core', 'google.cloud.storage')):
+            return True
+    text = ' '.join(str(e) for e in seen)
+    return any(code in text for code in _UNAVAILABLE_CODES)

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from resnet_flax import (
@@ -185,8 +186,11 @@ def _workdir_locked(workdir: epath.Path):
         raise refused
     try:
         yield
-    finally:
-        lock.release()
+    except BaseException:
+        with contextlib.suppress(OSError):  # storage still down: the error that stopped the
+            lock.release()  # run is the one to report; a dead run's lock is taken over
+        raise
+    lock.release()
 
 
 def _make_workdir(workdir: epath.Path) -> None:
@@ -248,13 +252,11 @@ class _Run:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         info: data.DatasetInfo) -> dict[str, Any]:
     run = _set_up(config, workdir, info)
-    try:
+    with _closing(run):
         if run.step >= run.schedule.total_steps:
             return _report_complete(run)
         _announce(run)
         preempted = _loop(run)
-    finally:
-        _close(run)
     if preempted:
         return {'step': run.step, 'preempted': True,
                 'interrupted': run.preemption.signal_name == 'SIGINT'}
@@ -408,18 +410,37 @@ def _save_checkpoint(run: _Run, with_eval: bool) -> None:
 def _save_for_preemption(run: _Run) -> None:
     if run.last_checkpoint != run.step:  # a step is saved once; orbax refuses a second save
         checkpoint.save(run.manager, run.step, run.state, run.config)
-    run.manager.wait_until_finished()
+    checkpoint.wait_until_saved(run.manager)
     why = 'Interrupted' if run.preemption.signal_name == 'SIGINT' else 'Preempted'
     run.progress.write(f'{why}: saved a checkpoint at step {run.step}; run the same '
                        'command to resume.')
 
 
+@contextlib.contextmanager
+def _closing(run: _Run):
+    """Closes the run at the end; after an error, a failure to close (the storage may still
+    be down) is only logged, so that the error that stopped the run is the one reported."""
+    try:
+        yield
+    except BaseException:
+        try:
+            _close(run)
+        except Exception as error:  # noqa: BLE001 - secondary to the error being raised
+            logging.warning('While stopping: %s', str(error).splitlines()[0][:300])
+        raise
+    _close(run)
+
+
 def _close(run: _Run) -> None:
-    run.manager.wait_until_finished()
-    run.preemption.close()
-    run.progress.close()
-    run.writer.close()
-    run.profiler.close()
+    """Waits for the last save (a failed one raises CheckpointWriteError), then closes the
+    rest whatever happened: the metrics writer still writes its last records."""
+    try:
+        checkpoint.wait_until_saved(run.manager)
+    finally:
+        run.preemption.close()
+        run.progress.close()
+        run.writer.close()
+        run.profiler.close()
 
 
 def _final_summary(run: _Run) -> dict[str, Any]:
