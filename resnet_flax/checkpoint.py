@@ -41,6 +41,10 @@ class CheckpointCorruptError(RuntimeError):
     """A checkpoint's files are missing or damaged."""
 
 
+class ChecksumMismatchError(CheckpointCorruptError):
+    """An array read back does not match the checksum saved with it: the bytes are bad."""
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written: the storage stopped answering for longer than its
     clients retry (gcsfs about 35 s, tensorstore longer)."""
@@ -235,7 +239,7 @@ def verify_checksums(tree: PyTree, saved: dict[str, list[int]], where: str) -> N
     """
     for name, value in checksums(tree).items():
         if saved.get(name) != value:
-            raise CheckpointCorruptError(
+            raise ChecksumMismatchError(
                 f'Checkpoint {where} is damaged: {name} does not match the checksum saved with it.'
             )
 
@@ -271,7 +275,13 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> P
 
 READ_ATTEMPTS = 5  # reads of one checkpoint before a storage error stops the run
 READ_FIRST_WAIT_SECONDS = 2.0  # then 4, 8, 16 s: a 30 s outage is ridden out
-_READ, _DAMAGED, _UNREACHABLE = 0, 1, 2
+# What one process's read of a checkpoint found:
+_READ = 0  # every array, checksums matching
+_DAMAGED = 1  # bytes that do not match their checksums: damage, for certain
+_UNREACHABLE = 2  # the storage did not answer: retried
+_MISSING = 3  # a file missing, truncated or unparsable while the storage answers: damage only
+# if a second read finds it again, since orbax reports some storage errors as a missing item
+# (it swallows an OSError listing a step, or reading its step metadata)
 # Status codes (tensorstore, absl) and messages that mean the files themselves are bad.
 _DAMAGE_CODES = ('OUT_OF_RANGE', 'FAILED_PRECONDITION', 'DATA_LOSS', 'NOT_FOUND',
                  'INVALID_ARGUMENT')
@@ -306,17 +316,31 @@ def _inject_read_fault(step: int, state: PyTree) -> PyTree:
 
 
 def _classify(error: Exception) -> int:
-    """_DAMAGED for files that are bad (quarantine), _UNREACHABLE for anything else (retry)."""
+    """_DAMAGED or _MISSING for files that are bad, _UNREACHABLE for anything else (retry)."""
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 8:
         chain.append(chain[-1].__cause__)
     for e in chain:
-        if isinstance(e, (CheckpointCorruptError, FileNotFoundError)):
+        if isinstance(e, ChecksumMismatchError):
             return _DAMAGED
+        if isinstance(e, (CheckpointCorruptError, FileNotFoundError)):
+            return _MISSING
         if isinstance(e, OSError):  # connection refused, reset, timed out
             return _UNREACHABLE
     text = ' '.join(str(e) for e in chain)
-    return _DAMAGED if any(code in text for code in _DAMAGE_CODES) else _UNREACHABLE
+    return _MISSING if any(code in text for code in _DAMAGE_CODES) else _UNREACHABLE
+
+
+def _storage_answers(step_dir: epath.Path) -> bool:
+    """Whether the storage answers a fresh read in `step_dir` now (a missing file is an
+    answer): damage is only believed while it does."""
+    try:
+        (step_dir / '_CHECKPOINT_METADATA').read_bytes()
+    except FileNotFoundError:
+        return True
+    except Exception as error:  # noqa: BLE001 - only storage errors say it did not answer
+        return not storage.is_storage_error(error)
+    return True
 
 
 def _read(manager, step: int, target: PyTree) -> tuple[PyTree | None, int, str]:
@@ -326,7 +350,10 @@ def _read(manager, step: int, target: PyTree) -> tuple[PyTree | None, int, str]:
         raise
     except Exception as error:  # noqa: BLE001 - classified: damaged, or retried
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        return None, _classify(error), reason
+        outcome = _classify(error)
+        if outcome == _MISSING and not _storage_answers(epath.Path(manager.directory) / str(step)):
+            outcome = _UNREACHABLE
+        return None, outcome, reason
 
 
 def _all_processes(value: int) -> list[int]:
@@ -363,24 +390,29 @@ def _newest_below(manager: ocp.CheckpointManager, below: int | None) -> int | No
 def _read_agreed(manager, step: int, target: PyTree) -> tuple[PyTree | None, list[int], str]:
     """Every process reads `step`; storage errors anywhere are retried by all, with back-off.
 
-    Returns (state, outcome per process, this process's reason). A damaged read on any process
-    ends the retries at once; storage errors that outlast READ_ATTEMPTS stop the run.
+    Returns (state, outcome per process, this process's reason). A checksum mismatch on any
+    process ends the reads at once; a missing or unreadable file must be found on two reads in
+    a row; storage errors that outlast READ_ATTEMPTS stop the run.
     """
-    wait = READ_FIRST_WAIT_SECONDS
+    wait, missing_before = READ_FIRST_WAIT_SECONDS, False
     for attempt in range(1, READ_ATTEMPTS + 1):
         state, outcome, reason = _read(manager, step, target)
         outcomes = _all_processes(outcome)
-        if _UNREACHABLE not in outcomes or _DAMAGED in outcomes:
+        if _DAMAGED in outcomes or (_MISSING in outcomes and missing_before):
+            return state, [_DAMAGED if o == _MISSING else o for o in outcomes], reason
+        if _UNREACHABLE not in outcomes and _MISSING not in outcomes:
             return state, outcomes, reason
+        missing_before = _MISSING in outcomes
         if attempt < READ_ATTEMPTS:
-            logging.warning('Reading checkpoint step %d failed on process(es) %s (%s); '
-                            'retrying in %.0f s.', step, _processes_with(outcomes, _UNREACHABLE),
-                            reason or 'see that process', wait)
+            failed = [i for i, o in enumerate(outcomes) if o != _READ]
+            logging.warning('Reading checkpoint step %d failed on process(es) %s (%s); %s in '
+                            '%.0f s.', step, failed, reason or 'see that process',
+                            'reading it again to be sure' if missing_before else 'retrying', wait)
             time.sleep(wait)
             wait *= 2
     raise CheckpointReadError(
         f'Could not read checkpoint step {step} in {manager.directory} after {READ_ATTEMPTS} '
-        f'attempts on process(es) {_processes_with(outcomes, _UNREACHABLE)} '
+        f'attempts on process(es) {[i for i, o in enumerate(outcomes) if o != _READ]} '
         f'({reason or "see that process"}); it is left in place. Check the storage '
         '(network, credentials), then run the same command to resume.')
 

@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +118,39 @@ def test_storage_errors_are_retried_and_only_damage_is_moved_aside(tmp_path, mon
     restored = checkpoint.restore_latest(manager, target)
     np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(64.0))
     assert [p.name.split('-')[0] for p in quarantine.iterdir()] == ['2']
+
+
+def test_a_file_missing_on_one_read_only_is_not_damage(tmp_path, monkeypatch):
+    """Orbax reports some storage errors as a missing item (it swallows an OSError listing a
+    step), so a missing file is believed only when a second read, while the storage answers,
+    finds it missing again. Here the file is back by the second read: nothing is moved."""
+    manager = checkpoint.create_manager(tmp_path / 'checkpoints', keep_best=False)
+    for step in (1, 2):
+        state = {'w': jnp.arange(64.0) * step}
+        checkpoint.save(manager, step, state, tiny_config())
+        manager.wait_until_finished()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    manifest = tmp_path / 'checkpoints' / '2' / 'state' / 'manifest.ocdbt'
+    away = tmp_path / 'manifest.away'
+    waits = []
+
+    def wait_then_put_back(seconds: float) -> None:  # the read-again pause of _read_agreed
+        waits.append(seconds)
+        if away.exists():
+            away.rename(manifest)
+
+    monkeypatch.setattr(checkpoint, 'time', types.SimpleNamespace(sleep=wait_then_put_back,
+                                                                  time=time.time))
+    manifest.rename(away)
+    assert float(checkpoint.restore_latest(manager, target)['w'][1]) == 2.0
+    assert len(waits) == 1 and not (tmp_path / checkpoint.QUARANTINE_DIR).exists()
+
+    manifest.unlink()  # now for good: seen on two reads, so moved aside
+    assert float(checkpoint.restore_latest(manager, target)['w'][1]) == 1.0
+    assert [p.name.split('-')[0] for p in (tmp_path / checkpoint.QUARANTINE_DIR).iterdir()] == [
+        '2']
+    assert len(waits) == 2
 
 
 # ---- The TFDS source on 2 processes: each reads its own disjoint share of the split.
