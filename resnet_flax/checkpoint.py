@@ -11,6 +11,7 @@ checkpoint damaged on disk is moved aside instead of silently resuming from wron
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -26,7 +27,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 import resnet_flax
-from resnet_flax import storage
+from resnet_flax import run_config, storage
 
 PyTree = Any
 CHECKPOINT_DIR = 'checkpoints'
@@ -244,15 +245,32 @@ def verify_checksums(tree: PyTree, saved: dict[str, list[int]], where: str) -> N
             )
 
 
-def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> PyTree:
+def check_network(meta: dict[str, Any], model_config: Any, where: str) -> None:
+    """Raises CheckpointMismatchError when the config saved in a checkpoint's `meta` builds
+    another network than `model_config` (v1 vs v1.5 strides, bn_epsilon, ...: arrays of the
+    same shapes that compute something else). Checkpoints without a saved config pass."""
+    try:
+        saved_model = json.loads(meta['config'])['model']
+    except (KeyError, TypeError, ValueError):
+        return
+    try:
+        run_config.check_same_network(saved_model, model_config, f'Checkpoint {where}',
+                                      'use the config that wrote it or a fresh --workdir.')
+    except run_config.ConfigChangeError as error:
+        raise CheckpointMismatchError(str(error)) from None
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree,
+                 model_config: Any = None) -> PyTree:
     """Restores `step` into `target`'s shapes and shardings (any device count).
 
     Reads with the item handlers directly, not through the manager: the manager's restore ends
     in a barrier, which a process whose read failed would never reach, and which would then
     stop every other process. Agreement on what was read is `restore_latest`'s job.
 
-    Raises CheckpointMismatchError for a checkpoint of another model, CheckpointCorruptError (or
-    orbax's and the storage's own errors) for missing, damaged or unreachable files.
+    Raises CheckpointMismatchError for a checkpoint of another model (by its arrays' shapes,
+    and by its saved config when `model_config` is given), CheckpointCorruptError (or orbax's
+    and the storage's own errors) for missing, damaged or unreachable files.
     """
     where = f'{manager.directory}/{step}'
     step_dir = epath.Path(manager.directory) / str(step)
@@ -263,6 +281,8 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> P
     meta = ocp.JsonCheckpointHandler().restore(step_dir / 'meta')
     if not meta:  # save() always writes it: a checkpoint without it lost files
         raise CheckpointCorruptError(f'Checkpoint {where} has no readable meta item.')
+    if model_config is not None:
+        check_network(meta, model_config, where)
     state = ocp.StandardCheckpointHandler().restore(
         step_dir / 'state', args=ocp.args.StandardRestore(target))
     state = _inject_read_fault(step, state)
@@ -343,9 +363,10 @@ def _storage_answers(step_dir: epath.Path) -> bool:
     return True
 
 
-def _read(manager, step: int, target: PyTree) -> tuple[PyTree | None, int, str]:
+def _read(manager, step: int, target: PyTree,
+          model_config: Any) -> tuple[PyTree | None, int, str]:
     try:
-        return restore_step(manager, step, target), _READ, ''
+        return restore_step(manager, step, target, model_config), _READ, ''
     except CheckpointMismatchError:
         raise
     except Exception as error:  # noqa: BLE001 - classified: damaged, or retried
@@ -387,7 +408,8 @@ def _newest_below(manager: ocp.CheckpointManager, below: int | None) -> int | No
     return None if step < 0 else step
 
 
-def _read_agreed(manager, step: int, target: PyTree) -> tuple[PyTree | None, list[int], str]:
+def _read_agreed(manager, step: int, target: PyTree,
+                 model_config: Any) -> tuple[PyTree | None, list[int], str]:
     """Every process reads `step`; storage errors anywhere are retried by all, with back-off.
 
     Returns (state, outcome per process, this process's reason). A checksum mismatch on any
@@ -396,7 +418,7 @@ def _read_agreed(manager, step: int, target: PyTree) -> tuple[PyTree | None, lis
     """
     wait, missing_before = READ_FIRST_WAIT_SECONDS, False
     for attempt in range(1, READ_ATTEMPTS + 1):
-        state, outcome, reason = _read(manager, step, target)
+        state, outcome, reason = _read(manager, step, target, model_config)
         outcomes = _all_processes(outcome)
         if _DAMAGED in outcomes or (_MISSING in outcomes and missing_before):
             return state, [_DAMAGED if o == _MISSING else o for o in outcomes], reason
@@ -434,17 +456,19 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     return destination
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: PyTree) -> PyTree | None:
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
+                   model_config: Any = None) -> PyTree | None:
     """The newest good checkpoint, the same one on every process; None for a fresh workdir.
 
     Process 0 names the step to try; every process reads it and all see every outcome. Storage
     errors are retried (see `_read_agreed`); a checkpoint that any process read as damaged
     (checksum or structure) is moved aside and all fall back to the next older one. A
-    checkpoint of another model is an error, not a fallback.
+    checkpoint of another model is an error, not a fallback (by shapes, and by the saved config
+    when `model_config`, the config.model of the run, is given).
     """
     step = _newest_below(manager, None)
     while step is not None:
-        state, outcomes, reason = _read_agreed(manager, step, target)
+        state, outcomes, reason = _read_agreed(manager, step, target, model_config)
         if _DAMAGED not in outcomes:
             return state
         moved = _quarantine(manager, step)

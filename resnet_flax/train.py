@@ -265,7 +265,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 def _restore_or_init(config, model, optimizer, manager, target, info, use_ema, mesh):
     """The newest checkpoint if there is one, else fresh (or fine-tuning) weights."""
-    state = checkpoint.restore_latest(manager, target)
+    state = checkpoint.restore_latest(manager, target, model_config=config.model)
     if state is None:
         state = create_train_state(
             model, optimizer, jax.random.PRNGKey(config.seed), info.image_shape, use_ema, mesh

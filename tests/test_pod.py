@@ -153,6 +153,25 @@ def test_a_file_missing_on_one_read_only_is_not_damage(tmp_path, monkeypatch):
     assert len(waits) == 2
 
 
+def test_a_checkpoint_of_another_network_with_the_same_shapes_is_refused_and_kept(tmp_path):
+    """Another bn_epsilon (or v1 strides for v1.5) gives arrays of the same shapes; the config
+    saved in the checkpoint tells them apart, also in a workdir without config.json."""
+    manager = checkpoint.create_manager(tmp_path / 'checkpoints', keep_best=False)
+    state = {'w': jnp.arange(64.0)}
+    checkpoint.save(manager, 1, state, tiny_config())
+    manager.wait_until_finished()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    other = tiny_config(**{'model.bn_epsilon': 1e-3, 'model.stride_placement': 'v1'})
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match='another network.*bn_epsilon.*stride_placement'):
+        checkpoint.restore_latest(manager, target, model_config=other.model)
+    assert manager.all_steps() == [1]
+    assert not (tmp_path / checkpoint.QUARANTINE_DIR).exists()
+    restored = checkpoint.restore_latest(manager, target, model_config=tiny_config().model)
+    np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(64.0))
+
+
 # ---- The TFDS source on 2 processes: each reads its own disjoint share of the split.
 
 @pytest.fixture(scope='module')
