@@ -150,8 +150,8 @@ def _write_errors_explained(manager: ocp.CheckpointManager, step: int | None):
                 else 'no checkpoint had been committed yet')
         what = f'the checkpoint of step {failed}' if failed is not None else 'a checkpoint'
         raise CheckpointWriteError(
-            f'Could not save {what} to {manager.directory}: the storage did not answer '
-            f'({reason}); {kept}. Check the storage (network, credentials), then run the '
+            f'Could not save {what} to {manager.directory}: a storage error ({reason}); '
+            f'{kept}. Check the storage (network, credentials, free space), then run the '
             'same command to resume.') from error
 
 
