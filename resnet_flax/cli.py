@@ -150,6 +150,13 @@ def run(main: Callable[[list[str]], None]) -> None:
             logging.vlog(1, 'Stopped by error', exc_info=True)
             print(f'Error: {error}', file=sys.stderr, flush=True)
             sys.exit(1)
+        except OSError as error:  # storage or disk, once the clients' own retries gave up
+            logging.vlog(1, 'Stopped by error', exc_info=True)
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
+            print(f'Error: a storage error stopped it ({reason}); what was written before is '
+                  'kept. Check the storage (network, credentials, free space), then run the '
+                  'same command again.', file=sys.stderr, flush=True)
+            sys.exit(1)
         except KeyboardInterrupt:  # before or after the loop, which saves on Ctrl-C itself
             print('\nInterrupted (Ctrl-C); the checkpoints already written are kept.',
                   file=sys.stderr, flush=True)

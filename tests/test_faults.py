@@ -552,6 +552,18 @@ def test_missing_dataset_fails_in_one_line_before_anything_is_written(tmp_path):
     _report(tmp_path, 'missing_dataset', {'seconds': round(seconds, 1)})
 
 
+def test_a_storage_error_left_after_the_clients_retries_is_one_line(tmp_path):
+    """Any storage or disk error that reaches the top (here metrics.jsonl is a directory, so
+    the first metrics write fails) ends in one line, not a traceback."""
+    workdir = tmp_path / 'unwritable'
+    (workdir / 'metrics.jsonl').mkdir(parents=True)
+    run = Run(workdir, tmp_path, 'unwritable')
+    assert run.finish() == 1
+    line = run.last_line()
+    assert line.startswith('Error: a storage error stopped it (') and 'metrics.jsonl' in line, line
+    assert line.endswith('run the same command again.') and 'Traceback' not in run.stderr
+
+
 def test_checkpoint_of_another_shape_fails_naming_the_parameter_and_is_kept(tmp_path, reference):
     workdir = tmp_path / 'other_shape'
     shutil.copytree(reference.wait(), workdir)
