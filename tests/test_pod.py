@@ -94,9 +94,8 @@ def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_re
             assert 'retrying' in outputs[1] or 'retrying' in outputs[0]
 
 
-def test_storage_errors_are_retried_and_only_damage_is_moved_aside(tmp_path, monkeypatch):
-    """One process: a dropped connection is retried and the newest step restores; one that
-    lasts stops with a one-line error and moves nothing; bad bytes are moved aside."""
+def _two_saved_steps(tmp_path):
+    """A manager holding steps 1 and 2 of {'w': arange(64) * step}, and their restore target."""
     manager = checkpoint.create_manager(tmp_path / 'checkpoints', keep_best=False)
     for step in (1, 2):
         state = {'w': jnp.arange(64.0) * step}
@@ -104,6 +103,13 @@ def test_storage_errors_are_retried_and_only_damage_is_moved_aside(tmp_path, mon
         manager.wait_until_finished()
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
+    return manager, target
+
+
+def test_storage_errors_are_retried_and_only_damage_is_moved_aside(tmp_path, monkeypatch):
+    """One process: a dropped connection is retried and the newest step restores; one that
+    lasts stops with a one-line error and moves nothing; bad bytes are moved aside."""
+    manager, target = _two_saved_steps(tmp_path)
     monkeypatch.setattr(checkpoint, 'READ_FIRST_WAIT_SECONDS', 0.05)
     quarantine = tmp_path / checkpoint.QUARANTINE_DIR
 
@@ -124,13 +130,7 @@ def test_a_file_missing_on_one_read_only_is_not_damage(tmp_path, monkeypatch):
     """Orbax reports some storage errors as a missing item (it swallows an OSError listing a
     step), so a missing file is believed only when a second read, while the storage answers,
     finds it missing again. Here the file is back by the second read: nothing is moved."""
-    manager = checkpoint.create_manager(tmp_path / 'checkpoints', keep_best=False)
-    for step in (1, 2):
-        state = {'w': jnp.arange(64.0) * step}
-        checkpoint.save(manager, step, state, tiny_config())
-        manager.wait_until_finished()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
+    manager, target = _two_saved_steps(tmp_path)
     manifest = tmp_path / 'checkpoints' / '2' / 'state' / 'manifest.ocdbt'
     away = tmp_path / 'manifest.away'
     waits = []
