@@ -240,3 +240,14 @@ def test_gpu_wheels_installs_what_is_missing_and_imports_from_there(tmp_path, us
     with pytest.raises(SystemExit, match='not made by bench/gpu_wheels.py'):
         gpu_wheels.install(chosen, foreign, use_pip=False)
     assert (foreign / 'keep.txt').read_text() == 'mine'
+
+
+@pytest.mark.slow
+def test_init_compile_draws_every_kernel_shape_with_both_initializers():
+    [row] = run_bench('init_compile', ['--models=tiny_resnet18'])
+    # The tiny net's kernels: stem 7x7x3x8, 3x3x8x8, 3x3x8x16, 3x3x16x16, 1x1x8x16, head 16x5.
+    assert row['model'] == 'tiny_resnet18' and row['kernel_shapes'] == 6
+    assert row['same_numbers'] is True
+    assert row['library_compile_s'] > 0 and row['ours_compile_s'] > 0
+    assert row['ratio'] == pytest.approx(row['library_compile_s'] / row['ours_compile_s'],
+                                         rel=0.02)
