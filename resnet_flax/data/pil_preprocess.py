@@ -159,15 +159,23 @@ def _pil_window(encoded: bytes, box: Box, size: int, reduce: bool,
     return _resize(rgb, _scaled(box, rgb.width / width, rgb.height / height), size, method)
 
 
-def _simplejpeg_window(encoded: bytes, shape: tuple[int, int], box: Box, size: int,
-                       method: Image.Resampling, halving: bool) -> np.ndarray | None:
+def _simplejpeg_pixels(encoded: bytes, min_size: tuple[int, int]) -> np.ndarray | None:
+    """uint8 [H, W, 3] decoded by simplejpeg at the smallest scale of at least `min_size`
+    (width, height); None where libjpeg-turbo will not convert it (CMYK...): PIL's turn."""
     import simplejpeg
 
-    min_width, min_height = (_halving_decoded if halving else _min_decoded)(shape, box, size)
     try:
-        pixels = simplejpeg.decode_jpeg(encoded, colorspace='RGB', fastdct=True,
-                                        min_width=min_width, min_height=min_height)
-    except ValueError:  # CMYK and other JPEGs libjpeg-turbo will not convert: PIL's turn
+        return simplejpeg.decode_jpeg(encoded, colorspace='RGB', fastdct=True,
+                                      min_width=min_size[0], min_height=min_size[1])
+    except ValueError:
+        return None
+
+
+def _simplejpeg_window(encoded: bytes, shape: tuple[int, int], box: Box, size: int,
+                       method: Image.Resampling, halving: bool) -> np.ndarray | None:
+    pixels = _simplejpeg_pixels(
+        encoded, (_halving_decoded if halving else _min_decoded)(shape, box, size))
+    if pixels is None:
         return None
     image = Image.fromarray(pixels)
     return _resize(image, _scaled(box, image.width / shape[0], image.height / shape[1]), size,
@@ -179,14 +187,9 @@ def decode_array(encoded: bytes, box: Box, size: int, decoder: str,
     """uint8 [H, W, 3]: the whole image, decoded at the smallest of the scales 1, 1/2, 1/4,
     1/8 that keeps `box` at least `size` on each side (the full scale with decoder 'pil')."""
     if decoder == 'simplejpeg' and is_jpeg(encoded):
-        import simplejpeg
-
-        min_width, min_height = _halving_decoded(shape, box, size)
-        try:
-            return simplejpeg.decode_jpeg(encoded, colorspace='RGB', fastdct=True,
-                                          min_width=min_width, min_height=min_height)
-        except ValueError:  # CMYK and other JPEGs libjpeg-turbo will not convert: PIL's turn
-            pass
+        pixels = _simplejpeg_pixels(encoded, _halving_decoded(shape, box, size))
+        if pixels is not None:
+            return pixels
     with _open(encoded) as image:
         if decoder != 'pil' and image.format == 'JPEG':  # draft: 1/2, 1/4, 1/8 only
             image.draft('RGB', _min_decoded(shape, box, size))
