@@ -426,7 +426,7 @@ def _read_agreed(manager, step: int, target: PyTree,
             return state, outcomes, reason
         missing_before = _MISSING in outcomes
         if attempt < READ_ATTEMPTS:
-            failed = [i for i, o in enumerate(outcomes) if o != _READ]
+            failed = _processes_that_failed(outcomes)
             logging.warning('Reading checkpoint step %d failed on process(es) %s (%s); %s in '
                             '%.0f s.', step, failed, reason or 'see that process',
                             'reading it again to be sure' if missing_before else 'retrying', wait)
@@ -434,9 +434,13 @@ def _read_agreed(manager, step: int, target: PyTree,
             wait *= 2
     raise CheckpointReadError(
         f'Could not read checkpoint step {step} in {manager.directory} after {READ_ATTEMPTS} '
-        f'attempts on process(es) {[i for i, o in enumerate(outcomes) if o != _READ]} '
+        f'attempts on process(es) {_processes_that_failed(outcomes)} '
         f'({reason or "see that process"}); it is left in place. Check the storage '
         '(network, credentials), then run the same command to resume.')
+
+
+def _processes_that_failed(outcomes: list[int]) -> list[int]:
+    return [i for i, o in enumerate(outcomes) if o != _READ]
 
 
 def _processes_with(outcomes: list[int], kind: int) -> list[int]:
