@@ -58,6 +58,7 @@ class Recipe:
     resize_method: str
     eval_preset: str = ''
     train_resizer: str = 'pil'
+    antialias: bool = False  # train resizes: smooth when shrinking (data.antialias)
 
 
 # ---- records: index -> (encoded image, label), picklable for grain's worker processes.
@@ -212,6 +213,7 @@ def recipe(data_cfg, found: Found) -> Recipe:
         eval_preset=str(data_cfg.get('eval_preset', '')),
         train_resizer=pil_preprocess.resolve_resizer(data_cfg.get('train_resizer', 'auto'),
                                                      str(data_cfg.resize_method)),
+        antialias=bool(data_cfg.antialias),
     )
 
 

@@ -31,10 +31,16 @@ reduced-scale decoders differ from 'pil' by a few grey levels, not in content.
 Train crops may instead be resized by OpenCV (data.train_resizer='cv2'; 'auto' picks it where
 cv2 is installed): its SIMD resize is ~5x PIL's, the largest single cost of a train example
 from a prepared store (BENCHMARKS.md section 7). It resizes a view of the decoded array
-straight into the batch, with INTER_LINEAR when enlarging and INTER_AREA (an area average,
-so smoothed as PIL's filters are) when either side shrinks by more than 1.1x: within half a
-grey level of PIL's bilinear on average. Eval always resizes with PIL: its numbers on a
-checkpoint must not move.
+straight into the batch.
+
+Train crops follow data.antialias, as the tf.data pipeline does:
+- False (the default, the flax and TF ResNet recipes): plain bilinear (or bicubic) sampling,
+  tf.image.resize(antialias=False)'s; OpenCV's INTER_LINEAR, or PIL's EXTENT transform,
+  which samples without a filter. Within a grey level of TF on the same box.
+- True: smoothed when shrinking; PIL's filters, or OpenCV's INTER_AREA (an area average)
+  when either side shrinks by more than 1.1x: within half a grey level of PIL's bilinear on
+  average. ~3.5x the resize time of False with OpenCV.
+Eval always resizes with PIL's filters: its numbers on a checkpoint must not move.
 """
 
 from __future__ import annotations
@@ -145,18 +151,28 @@ def _scaled(box: Box, factor_x: float, factor_y: float) -> tuple[float, float, f
             (top + height) * factor_y)
 
 
-def _resize(image: Image.Image, box, size: int, method: Image.Resampling) -> np.ndarray:
-    return np.asarray(image.resize((size, size), method, box=box), np.uint8)
+# PIL's transform samples with these filters without smoothing (tf.image.resize's
+# antialias=False); PIL's other filters always smooth when shrinking.
+UNFILTERED = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+
+
+def _resize(image: Image.Image, box, size: int, method: Image.Resampling,
+            antialias: bool = True) -> np.ndarray:
+    if antialias or method not in UNFILTERED:
+        return np.asarray(image.resize((size, size), method, box=box), np.uint8)
+    return np.asarray(image.transform((size, size), Image.Transform.EXTENT, box, method),
+                      np.uint8)
 
 
 def _pil_window(encoded: bytes, box: Box, size: int, reduce: bool,
-                method: Image.Resampling) -> np.ndarray:
+                method: Image.Resampling, antialias: bool) -> np.ndarray:
     with _open(encoded) as image:
         width, height = image.size
         if reduce and image.format == 'JPEG':
             image.draft('RGB', _min_decoded((width, height), box, size))
         rgb = image.convert('RGB')
-    return _resize(rgb, _scaled(box, rgb.width / width, rgb.height / height), size, method)
+    return _resize(rgb, _scaled(box, rgb.width / width, rgb.height / height), size, method,
+                   antialias)
 
 
 def _simplejpeg_pixels(encoded: bytes, min_size: tuple[int, int]) -> np.ndarray | None:
@@ -172,14 +188,15 @@ def _simplejpeg_pixels(encoded: bytes, min_size: tuple[int, int]) -> np.ndarray 
 
 
 def _simplejpeg_window(encoded: bytes, shape: tuple[int, int], box: Box, size: int,
-                       method: Image.Resampling, halving: bool) -> np.ndarray | None:
+                       method: Image.Resampling, halving: bool,
+                       antialias: bool) -> np.ndarray | None:
     pixels = _simplejpeg_pixels(
         encoded, (_halving_decoded if halving else _min_decoded)(shape, box, size))
     if pixels is None:
         return None
     image = Image.fromarray(pixels)
     return _resize(image, _scaled(box, image.width / shape[0], image.height / shape[1]), size,
-                   method)
+                   method, antialias)
 
 
 def decode_array(encoded: bytes, box: Box, size: int, decoder: str,
@@ -204,20 +221,20 @@ def _cv2():
     return cv2
 
 
-def _cv2_flag(cv2, method: str, crop: tuple[int, int], size: int) -> int:
-    """OpenCV's interpolation: the method when enlarging; an area average when either side
-    shrinks by more than SHRINK_AREA, which smooths as PIL's filters do (INTER_LINEAR aliases:
-    2-3x further from PIL's bilinear at 1.3-2x; below 1.1x it is as close, at a third of
-    INTER_AREA's cost)."""
+def _cv2_flag(cv2, method: str, crop: tuple[int, int], size: int, antialias: bool) -> int:
+    """OpenCV's interpolation: the method, as tf.image.resize samples without antialias; with
+    antialias, an area average when either side shrinks by more than SHRINK_AREA, which
+    smooths as PIL's filters do (INTER_LINEAR is 2-3x further from PIL's bilinear at 1.3-2x;
+    below 1.1x it is as close, at a third of INTER_AREA's cost)."""
     if method == 'nearest':
         return cv2.INTER_NEAREST
-    if method == 'area' or max(crop) > SHRINK_AREA * size:
+    if method == 'area' or (antialias and max(crop) > SHRINK_AREA * size):
         return cv2.INTER_AREA
     return cv2.INTER_CUBIC if method == 'bicubic' else cv2.INTER_LINEAR
 
 
 def cv2_window(pixels: np.ndarray, shape: tuple[int, int], box: Box, size: int, method: str,
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, antialias: bool = True) -> np.ndarray:
     """uint8 [size, size, 3]: `box` (in the original `shape`'s pixels) of the decoded
     `pixels`, resized by OpenCV into `out` when given. The box snaps to whole decoded pixels."""
     cv2 = _cv2()
@@ -227,7 +244,7 @@ def cv2_window(pixels: np.ndarray, shape: tuple[int, int], box: Box, size: int, 
     left, top = min(left, width - 1), min(top, height - 1)
     right, bottom = min(max(right, left + 1), width), min(max(bottom, top + 1), height)
     crop = pixels[top:bottom, left:right]
-    flag = _cv2_flag(cv2, method, (right - left, bottom - top), size)
+    flag = _cv2_flag(cv2, method, (right - left, bottom - top), size, antialias)
     resized = cv2.resize(crop, (size, size), dst=out, interpolation=flag)
     if out is not None and resized is not out:  # cv2 declined the buffer (not contiguous)
         out[...] = resized
@@ -238,15 +255,16 @@ def cv2_window(pixels: np.ndarray, shape: tuple[int, int], box: Box, size: int, 
 def decode_window(encoded: bytes, box: Box, size: int, decoder: str,
                   shape: tuple[int, int] | None = None,
                   method: Image.Resampling = Image.Resampling.BILINEAR,
-                  halving: bool = False) -> np.ndarray:
+                  halving: bool = False, antialias: bool = True) -> np.ndarray:
     """uint8 [size, size, 3]: the `box` of the image, resized. `decoder` is resolved.
-    `halving` keeps simplejpeg to its fast scales (train; eval keeps the smallest fit)."""
+    `halving` keeps simplejpeg to its fast scales (train; eval keeps the smallest fit);
+    `antialias` False samples without smoothing (train with data.antialias=False)."""
     if decoder == 'simplejpeg' and is_jpeg(encoded):
         found = _simplejpeg_window(encoded, shape or image_shape(encoded, decoder), box, size,
-                                   method, halving)
+                                   method, halving, antialias)
         if found is not None:
             return found
-    return _pil_window(encoded, box, size, decoder != 'pil', method)
+    return _pil_window(encoded, box, size, decoder != 'pil', method, antialias)
 
 
 def inception_box(shape: tuple[int, int], rng: random.Random, area_range,
@@ -301,9 +319,10 @@ def train_window(encoded: bytes, box: Box, shape: tuple[int, int], recipe,
     size, decoder = recipe.image_size, recipe.decoder
     if recipe.train_resizer == 'cv2':
         pixels = decode_array(encoded, box, size, decoder, shape)
-        return cv2_window(pixels, shape, box, size, recipe.resize_method, out)
+        return cv2_window(pixels, shape, box, size, recipe.resize_method, out, recipe.antialias)
     return _into(out, decode_window(encoded, box, size, decoder, shape,
-                                    resize_filter(recipe.resize_method), halving=True))
+                                    resize_filter(recipe.resize_method), halving=True,
+                                    antialias=recipe.antialias))
 
 
 def train_example(encoded: bytes, rng: random.Random, recipe,
