@@ -12,14 +12,17 @@ times in one process, alternating, one pass over the files for each (loader, rec
 - grain-DECODER: the same calls with data.loader='grain' and each available decoder, on the
   raw JPEGs and on the prepared store (train at `--image_size` and `--low_res_size`), train
   crops resized by PIL (data.train_resizer='pil'); grain-DECODER+cv2: the train recipes
-  again with OpenCV's resize (data.train_resizer='cv2'), where cv2 is installed;
+  again with OpenCV's resize (data.train_resizer='cv2'), where cv2 is installed; train crops
+  of both loaders follow `--antialias` (data.antialias; False, the default, samples the
+  bilinear without smoothing in both, one recipe);
 - pil_loop: a plain Python loop with PIL (torchvision's RandomResizedCrop, or resize the
   short side to 256 and centre-crop 224, to float32 normalised): the reference.
 Every loader decodes on `--threads` threads in this process (grain: num_workers=0), so the
 process CPU time (time.process_time: every thread) is all of its work; per core = images
 per CPU-second, which other load on the host does not dilute. The fastest of `--repeats`
-alternating runs is kept. bytes_per_image_to_device is what one example of the batch the
-loader yields weighs (image and label as they would cross to the device).
+alternating runs is kept, and the median beside it. bytes_per_image_to_device is what one
+example of the batch the loader yields weighs (image and label as they would cross to the
+device).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ flags.DEFINE_integer('threads', 0, 'Threads of the multi-core run; 0 = every cor
 flags.DEFINE_integer('repeats', 3, 'Alternating runs of each side; the fastest is kept.')
 flags.DEFINE_integer('train_passes', 1, 'Passes over the files per timed train run of the '
                      'loaders (the train stream goes on into later epochs).')
+flags.DEFINE_bool('antialias', False, 'data.antialias of every loader: smooth when a resize '
+                  'shrinks (False: plain bilinear sampling, the flax and TF ResNet recipes).')
 flags.DEFINE_float('target', 8000.0, 'Accelerator images/s to size the host for.')
 flags.DEFINE_string('folder', '', 'Where to write the JPEGs; empty = a temporary folder.')
 flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
@@ -139,7 +144,8 @@ def pipeline_config(folder: Path, size: int, threads: int, loader: str = 'tf',
     cfg.update(dataset=dataset, data_dir=str(folder), image_size=size,
                holdout_fraction=0.0, eval_split='train', verify_images=False,
                threadpool_size=threads, num_parallel_calls=threads, loader=loader,
-               decoder=decoder, train_resizer=resizer, num_workers=0)
+               decoder=decoder, train_resizer=resizer, num_workers=0,
+               antialias=FLAGS.antialias)
     return cfg
 
 
@@ -170,19 +176,29 @@ def best(runs: list[dict], clock: str) -> float:
     return max(run['images'] / run[clock] for run in runs)
 
 
-def decoders() -> list[str]:
+def median(runs: list[dict], clock: str) -> float:
+    """images per second of `clock`, the median run (noise check on the best)."""
+    return float(np.median([run['images'] / run[clock] for run in runs]))
+
+
+def decoders(recipe: str) -> list[str]:
+    """The decoders available here; libjpeg_window only for train (eval is simplejpeg's)."""
+    from resnet_flax.data import jpeg_window
+
     found = ['pil', 'pil_draft']
     if importlib.util.find_spec('simplejpeg') is not None:
         found.append('simplejpeg')
+    if recipe == 'train' and jpeg_window.available():
+        found.append('libjpeg_window')
     return found
 
 
 def grain_variants(recipe: str) -> list[tuple[str, str, str]]:
     """(loader name, decoder, train resizer): every decoder with PIL's resize, and on the
     train recipe each again with OpenCV's where it is installed (eval resizes with PIL)."""
-    found = [(f'grain-{decoder}', decoder, 'pil') for decoder in decoders()]
+    found = [(f'grain-{decoder}', decoder, 'pil') for decoder in decoders(recipe)]
     if recipe == 'train' and importlib.util.find_spec('cv2') is not None:
-        found += [(f'grain-{decoder}+cv2', decoder, 'cv2') for decoder in decoders()]
+        found += [(f'grain-{decoder}+cv2', decoder, 'cv2') for decoder in decoders(recipe)]
     return found
 
 
@@ -227,6 +243,7 @@ def measure(folder: Path, store: Path, threads: int) -> list[dict]:
         rows.append({
             'loader': loader, 'source': source, 'recipe': f'imagenet {recipe}',
             'images_per_sec_per_core': round(per_core, 1),
+            'images_per_sec_per_core_median': round(median(runs[i], 'cpu'), 1),
             'images_per_sec_wall': round(best(runs[i], 'wall'), 1),
             'bytes_per_image_to_device': runs[i][0]['bytes'],
             'cores_for_target': math.ceil(FLAGS.target / per_core),
@@ -309,7 +326,9 @@ def stage_times(store: Path, size: int) -> dict[str, float]:
             (size, size), Image.Resampling.BILINEAR, box=pil_box(i)), count),
         'to numpy (np.asarray)': _cpu_us(lambda i: np.asarray(resized[i]), count),
         'crop + resize (cv2, into the batch)': _cpu_us(lambda i: pp.cv2_window(
-            pixels[i], shapes[i], boxes[i], size, recipe.resize_method, out), count),
+            pixels[i], shapes[i], boxes[i], size, recipe.resize_method, out, False), count),
+        'crop + resize (cv2, into the batch, antialias)': _cpu_us(lambda i: pp.cv2_window(
+            pixels[i], shapes[i], boxes[i], size, recipe.resize_method, out, True), count),
         'train_example, pil resizer': _cpu_us(
             lambda i: pp.train_example(encoded[i], rng(i), by['pil'], out), count),
         'train_example, cv2 resizer': _cpu_us(
@@ -327,7 +346,8 @@ def main(argv: list[str]) -> None:
         meta = {'images': FLAGS.images, 'mean_kb': round(mean_kb, 1), 'batch': FLAGS.batch,
                 'store_side': FLAGS.store_side, 'store_mean_kb': round(store_kb, 1),
                 'cpu_count': os.cpu_count(), 'threads': threads,
-                'load_average': os.getloadavg()[0], 'target_images_per_s': FLAGS.target}
+                'load_average': os.getloadavg()[0], 'target_images_per_s': FLAGS.target,
+                'antialias': FLAGS.antialias}
         if FLAGS.stages:
             stages = stage_times(Path(scratch) / 'store', FLAGS.low_res_size)
             print(json.dumps({'meta': meta, 'stages_us': stages}, indent=None if FLAGS.json

@@ -59,6 +59,7 @@ class Recipe:
     eval_preset: str = ''
     train_resizer: str = 'pil'
     antialias: bool = False  # train resizes: smooth when shrinking (data.antialias)
+    window_decode: bool = False  # train JPEGs: decode only the crop (jpeg_window.py)
 
 
 # ---- records: index -> (encoded image, label), picklable for grain's worker processes.
@@ -214,6 +215,7 @@ def recipe(data_cfg, found: Found) -> Recipe:
         train_resizer=pil_preprocess.resolve_resizer(data_cfg.get('train_resizer', 'auto'),
                                                      str(data_cfg.resize_method)),
         antialias=bool(data_cfg.antialias),
+        window_decode=pil_preprocess.resolve_window_decode(data_cfg.get('decoder', 'auto')),
     )
 
 

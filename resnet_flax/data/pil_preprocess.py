@@ -21,12 +21,17 @@ Decoders (data.decoder), all giving RGB uint8 (grayscale replicated, alpha dropp
   when the crop is at least that much larger than `size`: what a 500 px photo cropped to
   224 needs;
 - 'simplejpeg': libjpeg-turbo through simplejpeg, with the same reduced-scale decode;
-- 'auto': 'simplejpeg' where it is installed, else 'pil_draft'.
-Non-JPEG files and JPEGs libjpeg-turbo cannot take (CMYK) are decoded by PIL; simplejpeg
-uses the fast integer DCT, as the tf.data decoder does (INTEGER_FAST). Resizing is PIL's
-filter named by data.resize_method ('bilinear' by default; 'area' is PIL's box filter, ~1.5x
-faster when downscaling), which smooths when downscaling (as data.antialias=True in TF): the
-reduced-scale decoders differ from 'pil' by a few grey levels, not in content.
+- 'libjpeg_window': train crops decode only their window (jpeg_window.py, compiled here on
+  first use; the pixels of tf.data's decode_and_crop_jpeg, bit for bit), at the same
+  reduced scales; everything else as 'simplejpeg' (or 'pil_draft' without it);
+- 'auto': 'libjpeg_window' where it builds, else 'simplejpeg' where it is installed, else
+  'pil_draft'.
+Non-JPEG files and JPEGs libjpeg-turbo cannot take (CMYK) are decoded by PIL; the libjpeg-
+turbo decoders use the fast integer DCT, as the tf.data decoder does (INTEGER_FAST). Eval
+resizes with PIL's filter named by data.resize_method ('bilinear' by default; 'area' is PIL's
+box filter, ~1.5x faster when downscaling), which smooths when downscaling (as
+data.antialias=True in TF): the reduced-scale decoders differ from 'pil' by a few grey levels,
+not in content.
 
 Train crops may instead be resized by OpenCV (data.train_resizer='cv2'; 'auto' picks it where
 cv2 is installed): its SIMD resize is ~5x PIL's, the largest single cost of a train example
@@ -54,7 +59,9 @@ import random
 import numpy as np
 from PIL import Image
 
-DECODERS = ('auto', 'pil', 'pil_draft', 'simplejpeg')
+from resnet_flax.data import jpeg_window
+
+DECODERS = ('auto', 'pil', 'pil_draft', 'simplejpeg', 'libjpeg_window')
 RESIZERS = ('auto', 'pil', 'cv2')
 # data.resize_method (tf.image.resize's names) -> PIL's filter.
 FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
@@ -77,16 +84,30 @@ def resize_filter(method: str) -> Image.Resampling:
 
 
 def resolve_decoder(name: str) -> str:
-    """The decoder 'auto' stands for here; a one-line error for unknown or missing ones."""
+    """The whole-image decoder `name` stands for here ('auto' and 'libjpeg_window': simplejpeg
+    where installed, else pil_draft); a one-line error for unknown or missing ones."""
     if name not in DECODERS:
         raise ValueError(f'data.decoder={name!r} is not one of {DECODERS}.')
     has_simplejpeg = importlib.util.find_spec('simplejpeg') is not None
-    if name == 'auto':
+    if name in ('auto', 'libjpeg_window'):
         return 'simplejpeg' if has_simplejpeg else 'pil_draft'
     if name == 'simplejpeg' and not has_simplejpeg:
         raise ValueError("data.decoder='simplejpeg' but simplejpeg is not installed: "
                          "pip install simplejpeg, or use data.decoder='pil_draft'.")
     return name
+
+
+def resolve_window_decode(name: str) -> bool:
+    """Whether train crops decode only their window (jpeg_window.py): 'libjpeg_window' always
+    (a one-line error where it can't be built), 'auto' where it can, else never."""
+    if name == 'libjpeg_window':
+        try:
+            jpeg_window.library()
+        except jpeg_window.BuildError as error:
+            raise ValueError(f"data.decoder='libjpeg_window': {error} Or use "
+                             "data.decoder='auto'.") from None
+        return True
+    return name == 'auto' and jpeg_window.available()
 
 
 def resolve_resizer(name: str, method: str) -> str:
@@ -134,13 +155,18 @@ def _min_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]
     return (math.ceil(width * size / max(box[2], 1)), math.ceil(height * size / max(box[3], 1)))
 
 
-def _halving_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]:
-    """The decoded (width, height) at the largest of the scales 1, 1/2, 1/4, 1/8 that keeps
-    the crop at least `size`: libjpeg-turbo has SIMD code for these, and its other scales
-    (7/8 to 3/8), which simplejpeg picks for the smallest fit, decode slower than 1/1."""
+def _halving_factor(shape: tuple[int, int], box: Box, size: int) -> int:
+    """The largest of the reductions 1, 2, 4, 8 that keeps the crop at least `size`:
+    libjpeg-turbo has SIMD code for these, and its other scales (7/8 to 3/8), which
+    simplejpeg picks for the smallest fit, decode slower than 1/1."""
     min_width, min_height = _min_decoded(shape, box, size)
     room = min(shape[0] // min_width, shape[1] // min_height)
-    factor = next(f for f in (8, 4, 2, 1) if f <= max(room, 1))
+    return next(f for f in (8, 4, 2, 1) if f <= max(room, 1))
+
+
+def _halving_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]:
+    """The decoded (width, height) at _halving_factor's scale (libjpeg rounds up)."""
+    factor = _halving_factor(shape, box, size)
     return math.ceil(shape[0] / factor), math.ceil(shape[1] / factor)
 
 
@@ -221,6 +247,17 @@ def _cv2():
     return cv2
 
 
+def _snapped(box: Box, shape: tuple[int, int],
+             decoded: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of `box` (in `shape`'s pixels) in an image decoded at
+    `decoded` (width, height), snapped to whole pixels, at least one wide and high."""
+    width, height = decoded
+    left, top, right, bottom = (round(v) for v in _scaled(box, width / shape[0],
+                                                          height / shape[1]))
+    left, top = min(left, width - 1), min(top, height - 1)
+    return left, top, min(max(right, left + 1), width), min(max(bottom, top + 1), height)
+
+
 def _cv2_flag(cv2, method: str, crop: tuple[int, int], size: int, antialias: bool) -> int:
     """OpenCV's interpolation: the method, as tf.image.resize samples without antialias; with
     antialias, an area average when either side shrinks by more than SHRINK_AREA, which
@@ -239,10 +276,7 @@ def cv2_window(pixels: np.ndarray, shape: tuple[int, int], box: Box, size: int, 
     `pixels`, resized by OpenCV into `out` when given. The box snaps to whole decoded pixels."""
     cv2 = _cv2()
     height, width = pixels.shape[:2]
-    left, top, right, bottom = (round(v) for v in _scaled(box, width / shape[0],
-                                                          height / shape[1]))
-    left, top = min(left, width - 1), min(top, height - 1)
-    right, bottom = min(max(right, left + 1), width), min(max(bottom, top + 1), height)
+    left, top, right, bottom = _snapped(box, shape, (width, height))
     crop = pixels[top:bottom, left:right]
     flag = _cv2_flag(cv2, method, (right - left, bottom - top), size, antialias)
     resized = cv2.resize(crop, (size, size), dst=out, interpolation=flag)
@@ -313,10 +347,38 @@ def _into(out: np.ndarray | None, image: np.ndarray) -> np.ndarray:
     return out
 
 
+def _window_only(encoded: bytes, shape: tuple[int, int], box: Box,
+                 size: int) -> np.ndarray | None:
+    """uint8 [h, w, 3]: only `box` decoded (jpeg_window.py), at _halving_factor's scale;
+    None where libjpeg refuses the file (the whole image is decoded instead)."""
+    factor = _halving_factor(shape, box, size)
+    decoded = (math.ceil(shape[0] / factor), math.ceil(shape[1] / factor))
+    left, top, right, bottom = _snapped(box, shape, decoded)
+    return jpeg_window.decode(encoded, (left, top, right - left, bottom - top), factor)
+
+
+def _resize_whole(pixels: np.ndarray, size: int, recipe,
+                  out: np.ndarray | None) -> np.ndarray:
+    """uint8 [S, S, 3]: all of `pixels` resized by the recipe's train_resizer."""
+    height, width = pixels.shape[:2]
+    whole = whole_box((width, height))
+    if recipe.train_resizer == 'cv2':
+        return cv2_window(pixels, (width, height), whole, size, recipe.resize_method, out,
+                          recipe.antialias)
+    image = Image.fromarray(pixels)
+    return _into(out, _resize(image, _scaled(whole, 1, 1), size,
+                              resize_filter(recipe.resize_method), recipe.antialias))
+
+
 def train_window(encoded: bytes, box: Box, shape: tuple[int, int], recipe,
                  out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 [S, S, 3]: `box` of a train image, resized by the recipe's train_resizer."""
+    """uint8 [S, S, 3]: `box` of a train image, resized by the recipe's train_resizer; only
+    the box decoded where the recipe has window_decode."""
     size, decoder = recipe.image_size, recipe.decoder
+    if recipe.window_decode and is_jpeg(encoded):
+        pixels = _window_only(encoded, shape, box, size)
+        if pixels is not None:
+            return _resize_whole(pixels, size, recipe, out)
     if recipe.train_resizer == 'cv2':
         pixels = decode_array(encoded, box, size, decoder, shape)
         return cv2_window(pixels, shape, box, size, recipe.resize_method, out, recipe.antialias)
