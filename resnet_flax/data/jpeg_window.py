@@ -3,7 +3,7 @@
 An Inception crop covers 8-100% of the image (about half on average). simplejpeg, PIL and
 OpenCV decode every pixel; libjpeg-turbo can skip the rows above the window, skip the
 inverse DCT and colour conversion of the columns beside it, and stop at its last row. No
-Python package exposes that, so jpeg_window.c (60 lines of C against libjpeg's own API) is
+Python package exposes that, so jpeg_window.c (a short C file against libjpeg's own API) is
 compiled here on first use with the system's C compiler and libjpeg headers, cached under
 $RESNET_FLAX_CACHE (default ~/.cache/resnet_flax), and called through ctypes, which releases
 the GIL as simplejpeg does.
