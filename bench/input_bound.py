@@ -14,8 +14,8 @@ tiny model (so that the input, not the model, is the limit) on:
 - grain_mp, grain_store_mp: the folder or the store with `--grain_workers` grain worker processes
   (default 2; -1 = the loader's own default, one per core less one) instead of threads in the
   trainer's process (the default below 3 cores is threads).
-The decoder is the config's data.decoder ('auto': simplejpeg where installed, else PIL with
-draft). `--write_workers` processes write the JPEGs and the store (on a GPU machine's many
+The decoder is the config's data.decoder ('auto': train crops decode only their window where
+jpeg_window.c builds, else simplejpeg where installed, else PIL with draft). `--write_workers` processes write the JPEGs and the store (on a GPU machine's many
 cores a few thousand files take seconds). bench/gpu.sh runs this with ResNet-50 on the GPU.
 Runs alternate (`--repeats` rounds) in one process. Each logs every `--steps` steps; the
 first window (compilation) is left out and the median of the others' logged images/s and
@@ -157,6 +157,7 @@ def main(argv: list[str]) -> None:
               'steps_per_window': FLAGS.steps, 'windows': FLAGS.windows,
               'devices': jax.device_count(), 'rows': rows, 'write_s': round(write_s, 1),
               'decoder': pil_preprocess.resolve_decoder(config.data.decoder),
+              'window_decode': pil_preprocess.resolve_window_decode(config.data.decoder),
               'train_resizer': pil_preprocess.resolve_resizer(config.data.train_resizer,
                                                               config.data.resize_method),
               # The loaders here must not need it (the GPU machine has none).
