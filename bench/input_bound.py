@@ -15,8 +15,9 @@ tiny model (so that the input, not the model, is the limit) on:
   (default 2; -1 = the loader's own default, one per core less one) instead of threads in the
   trainer's process (the default below 3 cores is threads).
 The decoder is the config's data.decoder ('auto': train crops decode only their window where
-jpeg_window.c builds, else simplejpeg where installed, else PIL with draft). `--write_workers` processes write the JPEGs and the store (on a GPU machine's many
-cores a few thousand files take seconds). bench/gpu.sh runs this with ResNet-50 on the GPU.
+jpeg_window.c builds, else simplejpeg where installed, else PIL with draft).
+`--write_workers` processes write the JPEGs and the store (on a GPU machine's many cores a few
+thousand files take seconds). bench/gpu.sh runs this with ResNet-50 on the GPU.
 Runs alternate (`--repeats` rounds) in one process. Each logs every `--steps` steps; the
 first window (compilation) is left out and the median of the others' logged images/s and
 `input_wait_fraction` (the share of step time spent waiting for the next batch, from
