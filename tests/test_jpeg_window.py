@@ -129,11 +129,18 @@ def test_builds_into_the_cache_once(fresh_build):
     assert jpeg_window.available()
 
 
-@pytest.mark.parametrize('compiler, says', [('/nonexistent/cc', 'no C compiler'),
-                                            ('false', 'could not compile')])
+@pytest.mark.parametrize('compiler, cache, says', [
+    ('/nonexistent/cc', None, 'no C compiler'),
+    ('false', None, 'could not compile'),
+    (None, 'a file', 'cannot write the JPEG window decoder to'),
+])
 def test_where_it_cannot_build_auto_decodes_whole_images_and_the_name_says_why(
-        fresh_build, monkeypatch, compiler, says):
-    monkeypatch.setenv('CC', compiler)
+        fresh_build, monkeypatch, compiler, cache, says):
+    if compiler:
+        monkeypatch.setenv('CC', compiler)
+    if cache:  # a cache path under a plain file: no folder can be made there
+        (fresh_build / 'file').write_text('not a folder')
+        monkeypatch.setenv('RESNET_FLAX_CACHE', str(fresh_build / 'file' / 'cache'))
     assert not jpeg_window.available()
     assert pil_preprocess.resolve_window_decode('auto') is False
     with pytest.raises(ValueError, match=f"data.decoder='libjpeg_window': {says}") as error:

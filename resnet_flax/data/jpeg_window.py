@@ -56,7 +56,15 @@ def build() -> Path:
     target = _library_path()
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return _compile_into(target)
+    except OSError as error:  # not a folder, not writable, full
+        raise BuildError(f'cannot write the JPEG window decoder to {target.parent} ({error}): '
+                         'set RESNET_FLAX_CACHE to a writable folder.') from None
+
+
+def _compile_into(target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         command = [_compiler(), '-O2', '-shared', '-fPIC', '-o', str(built), str(SOURCE),
