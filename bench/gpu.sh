@@ -293,7 +293,8 @@ def table_rows(r):
                  ms=1e3 * r['batch_size'] / row['images_per_sec'],
                  images_per_sec=row['images_per_sec'], input_wait=row['input_wait_fraction'],
                  path=None if row['loader'] == 'synthetic' else
-                 f"{r['decoder']}, {r.get('train_resizer')}, {row['workers']} workers",
+                 f"{'window + ' if r.get('window_decode') else ''}{r['decoder']}, "
+                 f"{r.get('train_resizer')}, {row['workers']} workers",
                  wall_s=r['wall_s'])
             for row in r['rows']]
 
