@@ -106,11 +106,13 @@ def _add_data_source_fields(data: ml_collections.ConfigDict) -> None:
     # (NVIDIA DALI, GPU decode, image folders; needs nvidia-dali) or 'auto': tf where
     # TensorFlow is installed, grain where it is not. dataset='prepared' is always grain's.
     data.loader = 'auto'
-    # JPEG decoder of the grain loader: 'auto' (simplejpeg if installed, else pil_draft),
-    # 'pil', 'pil_draft' (reduced-scale decode for crops) or 'simplejpeg'.
+    # JPEG decoder of the grain loader: 'pil', 'pil_draft' (reduced-scale decode for crops),
+    # 'simplejpeg', 'libjpeg_window' (train crops decode only their window, as tf.data does;
+    # resnet_flax/data/jpeg_window.c, compiled on first use: needs cc and jpeglib.h) or 'auto'
+    # (libjpeg_window where it builds; simplejpeg if installed, else pil_draft).
     data.decoder = 'auto'
     # Who resizes the grain loader's train crops: 'auto' (OpenCV where installed, else PIL),
-    # 'pil' or 'cv2' (~5x faster, within ~1 grey level of PIL). Eval always resizes with PIL.
+    # 'pil' or 'cv2' (~5x faster). Both follow data.antialias. Eval always resizes with PIL.
     data.train_resizer = 'auto'
     data.download = False  # True lets TFDS download and prepare a missing data set (not imagenet)
     # image_folder: > 0 holds out this fraction of each class of the train folder (fixed by
