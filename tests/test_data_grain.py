@@ -296,6 +296,20 @@ def test_bad_choices_fail_with_one_line(folder):
         data.get_info(folder_config(folder, dataset='prepared'))
 
 
+def test_bad_recipe_choices_are_refused_before_the_run_writes_anything(folder, tmp_path):
+    """The config checks (train.py's first step) read get_info, which resolves the recipe."""
+    from resnet_flax import config_checks
+
+    for field, value, says in (('decoder', 'turbo', "data.decoder='turbo' is not one of"),
+                               ('train_resizer', 'skimage', "train_resizer='skimage' is not"),
+                               ('auto_augment', 'randaugment', "set data.loader='tf'")):
+        config = configs.base.get_config()
+        config.data = folder_config(folder, **{field: value})
+        with pytest.raises(config_checks.ConfigProblems, match=says):
+            config_checks.resolve(config, tmp_path / 'run')
+    assert not (tmp_path / 'run').exists()
+
+
 def test_dali_when_absent_is_a_one_line_error(folder):
     from resnet_flax.data import dali_source
 

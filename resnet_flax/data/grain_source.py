@@ -221,6 +221,7 @@ def recipe(data_cfg, found: Found) -> Recipe:
 
 def get_info(data_cfg) -> info_lib.DatasetInfo:
     found = find(data_cfg)
+    recipe(data_cfg, found)  # decoder, resizer, augmentation: refused before anything runs
     size = int(data_cfg.image_size)
     return info_lib.DatasetInfo(
         num_classes=found.num_classes,
