@@ -14,7 +14,7 @@ from PIL import Image
 import configs.base
 from resnet_flax import data
 from resnet_flax.data import grain_source, pil_preprocess, prepare, store
-from tests.tiny import REPO
+from tests.tiny import REPO, grain_recipe
 
 pytest.importorskip('grain')
 
@@ -160,14 +160,6 @@ def photo_jpeg(width, height, seed=0) -> bytes:
     return out.getvalue()
 
 
-def train_recipe(**overrides):
-    fields = dict(decoder='simplejpeg', train_crop='inception', eval_crop='center',
-                  image_size=64, eval_image_size=64, area_range=(0.08, 1.0),
-                  aspect_range=(3 / 4, 4 / 3), crop_padding=0, eval_crop_fraction=0.875,
-                  resize_method='bilinear', train_resizer='pil')
-    return grain_source.Recipe(**{**fields, **overrides})
-
-
 @pytest.mark.parametrize('decoder', ['pil', 'pil_draft', 'simplejpeg'])
 def test_cv2_train_crops_match_pil_within_a_grey_level(decoder):
     """data.antialias=True, the same Inception boxes (same rng draws), enlarged and shrunk (a
@@ -180,7 +172,7 @@ def test_cv2_train_crops_match_pil_within_a_grey_level(decoder):
     for (width, height), size in (((256, 192), 176), ((500, 375), 64), ((500, 375), 176)):
         encoded = photo_jpeg(width, height, seed=size)
         for seed in range(12):
-            pil, cv2_ = (train_recipe(decoder=decoder, image_size=size, train_resizer=r,
+            pil, cv2_ = (grain_recipe(decoder=decoder, image_size=size, train_resizer=r,
                                       antialias=True) for r in ('pil', 'cv2'))
             reference = pil_preprocess.train_example(encoded, random.Random(seed), pil)
             out = np.zeros((size, size, 3), np.uint8)
@@ -212,7 +204,7 @@ def test_unfiltered_train_crops_match_tf_data_on_the_same_box(resizer, window_de
     differences = []
     for (width, height), size in (((256, 192), 176), ((500, 375), 224)):
         encoded = photo_jpeg(width, height, seed=size)
-        recipe = train_recipe(image_size=size, train_resizer=resizer, antialias=False,
+        recipe = grain_recipe(image_size=size, train_resizer=resizer, antialias=False,
                               window_decode=window_decode)
         for seed in range(12):
             left, top, crop_w, crop_h = box = pil_preprocess.inception_box(

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from resnet_flax.data import jpeg_window, pil_preprocess
+from tests.tiny import grain_recipe
 
 SIZE = (203, 157)  # not a multiple of any iMCU, so every window meets a partial block
 
@@ -92,22 +93,12 @@ def test_refused_files_and_windows_return_none_and_the_process_goes_on():
 
 
 def test_train_example_falls_back_to_the_whole_decode_for_cmyk():
-    recipe = pil_preprocess_recipe(window_decode=True)
+    recipe = grain_recipe(window_decode=True)
     cmyk = encoded_jpeg(mode='CMYK', size=(96, 80))
     image = pil_preprocess.train_example(cmyk, random.Random(0), recipe)
     expected = pil_preprocess.train_example(cmyk, random.Random(0),
-                                            pil_preprocess_recipe(window_decode=False))
+                                            grain_recipe(window_decode=False))
     np.testing.assert_array_equal(image, expected)
-
-
-def pil_preprocess_recipe(**overrides):
-    from resnet_flax.data import grain_source
-
-    fields = dict(decoder='simplejpeg', train_crop='inception', eval_crop='center',
-                  image_size=32, eval_image_size=32, area_range=(0.08, 1.0),
-                  aspect_range=(3 / 4, 4 / 3), crop_padding=0, eval_crop_fraction=0.875,
-                  resize_method='bilinear', train_resizer='pil')
-    return grain_source.Recipe(**{**fields, **overrides})
 
 
 @pytest.fixture

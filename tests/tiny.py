@@ -95,3 +95,14 @@ def train_losses(workdir: Path) -> dict[int, float]:
         if record['split'] == 'train':
             losses[record['step']] = float(record['loss'])
     return losses
+
+
+def grain_recipe(**overrides: Any):
+    """A grain_source.Recipe of the Inception train recipe at 64 px, simplejpeg, PIL resize."""
+    from resnet_flax.data import grain_source
+
+    fields = dict(decoder='simplejpeg', train_crop='inception', eval_crop='center',
+                  image_size=64, eval_image_size=64, area_range=(0.08, 1.0),
+                  aspect_range=(3 / 4, 4 / 3), crop_padding=0, eval_crop_fraction=0.875,
+                  resize_method='bilinear', train_resizer='pil')
+    return grain_source.Recipe(**{**fields, **overrides})
