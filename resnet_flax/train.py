@@ -92,8 +92,9 @@ class PreemptionWatcher:
     """Turns SIGTERM or a Ctrl-C (SIGINT) into a flag the loop checks between steps, so no
     work is lost mid-step; a second Ctrl-C aborts at once.
 
-    With several processes, JAX's coordination service catches SIGTERM and every process
-    agrees on the step to stop at, through orbax's `reached_preemption`.
+    With several processes, JAX's coordination service catches SIGTERM (in C++: a Python
+    SIGTERM handler would replace it) and every process agrees on the step to stop at,
+    through orbax's `reached_preemption`. A Ctrl-C there becomes that same notice.
     """
 
     def __init__(self):
@@ -103,18 +104,32 @@ class PreemptionWatcher:
         if jax.process_count() == 1:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
+        elif _preemption_service_on():
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_sigint)
 
     def _handle(self, signum, frame):
         del frame
         if self.requested and signum == signal.SIGINT:
-            print('Interrupted again: stopped at once; run the same command to resume from '
-                  'the last checkpoint.', file=sys.stderr, flush=True)
-            os._exit(130)  # no cleanup: an unfinished checkpoint is a temporary directory
+            _abort_on_second_interrupt()
         if signum == signal.SIGINT:
             print('\nInterrupted: saving a checkpoint at the end of this step '
                   '(Ctrl-C again to stop at once).', file=sys.stderr, flush=True)
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def _forward_sigint(self, signum, frame):
+        """Ctrl-C on one process of several: a KeyboardInterrupt there would leave the others
+        waiting for it in the next collective (they hung for good). Instead it is passed on as
+        a preemption notice (SIGTERM to this process, which JAX catches and tells every
+        process), so all stop at one step and save; this process then exits 130."""
+        del frame
+        if self.requested:
+            _abort_on_second_interrupt()
+        print('\nInterrupted: every process saves a checkpoint at the step they all reach '
+              '(Ctrl-C again to stop at once).', file=sys.stderr, flush=True)
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def should_stop(self, manager, step: int) -> bool:
         if jax.process_count() > 1:
@@ -124,6 +139,17 @@ class PreemptionWatcher:
     def close(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+
+
+def _preemption_service_on() -> bool:
+    """Whether JAX's preemption sync manager (and so its C++ SIGTERM handler) is running."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
+
+
+def _abort_on_second_interrupt() -> None:
+    print('Interrupted again: stopped at once; run the same command to resume from '
+          'the last checkpoint.', file=sys.stderr, flush=True)
+    os._exit(130)  # no cleanup: an unfinished checkpoint is a temporary directory
 
 
 def _train_batches(config: ml_collections.ConfigDict, start_step: int, mesh):

@@ -10,10 +10,13 @@ connection, or flips a bit of what it read so that the checksum check finds it.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoint
+from resnet_flax import checkpoint, workdir_lock
 from tests.tiny import (
     REPO,
     TINY_FLAGS,
@@ -40,24 +43,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Pod:
+    """train.py (or `command`) started as processes 0 and 1 of one run, as on a pod; their
+    output goes to temporary files (a full pipe would block a process that is not read)."""
+
+    def __init__(self, flags: list[str], workdir, env_of_process=None,
+                 command: tuple[str, ...] = ('train.py',)):
+        port = _free_port()
+        workdir_flags = [f'--workdir={workdir}'] if workdir is not None else []
+        self.logs = [tempfile.TemporaryFile('w+') for _ in range(2)]  # noqa: SIM115 - __exit__
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, *command, *flags, *workdir_flags,
+                 f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                 f'--process_id={i}'],
+                cwd=REPO, env=cpu_env(1, **(env_of_process or {}).get(i, {})),
+                stdout=log, stderr=subprocess.STDOUT, text=True)
+            for i, log in enumerate(self.logs)
+        ]
+
+    def __enter__(self) -> _Pod:
+        return self
+
+    def __exit__(self, *exc_info) -> None:  # none outlives a failed test
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in self.logs:
+            log.close()
+
+    def wait(self, timeout: float) -> list[int]:
+        """The exit codes, once both have ended; fails after `timeout` s, with their output."""
+        deadline = time.monotonic() + timeout
+        for i, proc in enumerate(self.procs):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f'process {i} still running after {timeout} s:\n'
+                            + '\n'.join(o[-1500:] for o in self.outputs()))
+        return [proc.returncode for proc in self.procs]
+
+    def outputs(self) -> list[str]:
+        texts = []
+        for log in self.logs:
+            log.flush()
+            log.seek(0)
+            texts.append(log.read())
+        return texts
+
+    def finish(self, timeout: float = 900) -> list[str]:
+        """Waits for a normal end (exit 0 on both); returns their output."""
+        codes = self.wait(timeout)
+        outputs = self.outputs()
+        for code, output in zip(codes, outputs, strict=True):
+            assert code == 0, output[-3000:]
+        return outputs
+
+
 def _two_processes(flags: list[str], workdir, env_of_process=None,
                    command: tuple[str, ...] = ('train.py',)) -> list[str]:
     """train.py (or `command`) as processes 0 and 1 of one run; returns their output."""
-    port = _free_port()
-    workdir_flags = [f'--workdir={workdir}'] if workdir is not None else []
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *command, *flags, *workdir_flags,
-             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-             f'--process_id={i}'],
-            cwd=REPO, env=cpu_env(1, **(env_of_process or {}).get(i, {})),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, (out + err)[-3000:]
-    return [out + err for out, err in outputs]
+    with _Pod(flags, workdir, env_of_process, command) as pod:
+        return pod.finish()
 
 
 def _resumed_from(output: str) -> int:
@@ -92,6 +140,121 @@ def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_re
         else:
             assert not quarantined.exists()
             assert 'retrying' in outputs[1] or 'retrying' in outputs[0]
+
+
+# ---- Preemption of a 2-process run: real signals to real processes, as a pod gets them.
+
+PREEMPT_TOTAL_STEPS = 60  # far more than the few steps a stop takes once signalled
+PREEMPT_FLAGS = ['--config=configs/digits.py', *override_flags({
+    **TINY_FLAGS, 'num_train_steps': PREEMPT_TOTAL_STEPS,
+    'eval_every_steps': 1000, 'checkpoint_every_steps': 1000})]  # both only at the end
+START_TIMEOUT = 240.0  # s for both processes to reach their first step (slow shared CI)
+STOP_DEADLINE = 120.0  # s from the signal to both processes having exited
+
+
+@pytest.fixture(scope='module')
+def xla_cache(tmp_path_factory) -> dict[int, dict[str, str]]:
+    """One persistent compilation cache for every process started here (the user's
+    --compilation_cache_dir), so that a restart does not compile again."""
+    cache = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('xla_cache')),
+             'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+             'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+    return {0: cache, 1: cache}
+
+
+def _logged_train_steps(workdir) -> list[int]:
+    """Steps of the complete train records in metrics.jsonl (it may be mid-write)."""
+    path = workdir / 'metrics.jsonl'
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    records = [json.loads(line) for line in lines if line.endswith('\n')]
+    return [r['step'] for r in records if r['split'] == 'train']
+
+
+def _wait_until_training(pod: _Pod, workdir) -> None:
+    """Until both processes are in the loop: a step needs both, and process 0 logs each."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not _logged_train_steps(workdir):
+        assert all(p.poll() is None for p in pod.procs), '\n'.join(pod.outputs())[-3000:]
+        assert time.monotonic() < deadline, '\n'.join(pod.outputs())[-3000:]
+        time.sleep(0.05)
+
+
+def _signal(pod: _Pod, signals: dict[int, signal.Signals]) -> tuple[list[int], list[str], float]:
+    """Sends each process its signal; returns the exit codes, outputs and seconds to exit."""
+    sent = time.monotonic()
+    for index, signum in signals.items():
+        pod.procs[index].send_signal(signum)
+    codes = pod.wait(STOP_DEADLINE)
+    return codes, pod.outputs(), time.monotonic() - sent
+
+
+def _saved_at(output: str, why: str) -> int:
+    """The step of `why: saved a checkpoint at step N` (why: Preempted or Interrupted)."""
+    found = re.findall(rf'{why}: saved a checkpoint at step (\d+);', output)
+    assert found, output[-3000:]
+    return int(found[-1])
+
+
+def _committed_steps(workdir) -> list[int]:
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(workdir), read_only=True)
+    try:
+        return manager.all_steps()
+    finally:
+        manager.close()
+
+
+def _eval_records(workdir) -> list[dict]:
+    records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    return [r for r in records if r['split'] == 'eval']
+
+
+@pytest.mark.slow
+def test_sigterm_to_both_processes_saves_one_step_and_the_same_command_resumes_exactly(
+        tmp_path, xla_cache):
+    """A pod preemption: SIGTERM to every process mid-training. Both exit 0 in bounded time
+    after saving the same step; the same command resumes from it and ends exactly where an
+    uninterrupted 2-process run ends."""
+    reference = tmp_path / 'reference'
+    _two_processes(PREEMPT_FLAGS, reference, xla_cache)  # also fills the compilation cache
+
+    workdir = tmp_path / 'preempted'
+    with _Pod(PREEMPT_FLAGS, workdir, xla_cache) as pod:
+        _wait_until_training(pod, workdir)
+        codes, outputs, seconds = _signal(pod, {0: signal.SIGTERM, 1: signal.SIGTERM})
+    assert codes == [0, 0], '\n'.join(o[-2000:] for o in outputs)
+    step = _saved_at(outputs[0], 'Preempted')
+    assert _saved_at(outputs[1], 'Preempted') == step < PREEMPT_TOTAL_STEPS
+    assert _committed_steps(workdir) == [step] and max(_logged_train_steps(workdir)) == step
+    assert not (workdir / workdir_lock.LOCK_FILE).exists()
+
+    outputs = _two_processes(PREEMPT_FLAGS, workdir, xla_cache)
+    assert [_resumed_from(o) for o in outputs] == [step, step], outputs[0][-2000:]
+    assert train_losses(workdir) == train_losses(reference)  # every step, bit for bit
+    assert _eval_records(workdir) == _eval_records(reference)
+    print(f'\nPOD sigterm to both: stopped at step {step} in {seconds:.1f} s', flush=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('signum, target', [(signal.SIGTERM, 1), (signal.SIGINT, 0)],
+                         ids=['sigterm-on-process-1', 'ctrl-c-on-process-0'])
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(
+        tmp_path, xla_cache, signum, target):
+    """A host's maintenance event (SIGTERM on one host), or a Ctrl-C in one terminal: JAX's
+    coordination service tells the other process, so both save the same step and exit, the
+    interrupted one with 130. (A lone Ctrl-C used to leave both waiting for good.)"""
+    workdir = tmp_path / 'run'
+    with _Pod(PREEMPT_FLAGS, workdir, xla_cache) as pod:
+        _wait_until_training(pod, workdir)
+        codes, outputs, seconds = _signal(pod, {target: signum})
+    interrupted = signum == signal.SIGINT
+    assert codes == [130 if interrupted and i == target else 0 for i in range(2)], (
+        '\n'.join(o[-2000:] for o in outputs))
+    whys = ['Interrupted' if interrupted and i == target else 'Preempted' for i in range(2)]
+    step = _saved_at(outputs[0], whys[0])
+    assert _saved_at(outputs[1], whys[1]) == step < PREEMPT_TOTAL_STEPS
+    assert _committed_steps(workdir) == [step] and max(_logged_train_steps(workdir)) == step
+    print(f'\nPOD {signal.Signals(signum).name} on process {target}: both stopped at step '
+          f'{step} in {seconds:.1f} s', flush=True)
 
 
 def _two_saved_steps(tmp_path):
