@@ -1,5 +1,6 @@
 """Two processes on localhost (jax.distributed), as on a pod: every process restores the same
-checkpoint when only one of them fails to read the newest, and the TFDS pipeline gives each
+checkpoint when only one of them fails to read the newest, a preemption (SIGTERM to both, or
+to one) or a Ctrl-C on one stops both at the same saved step, and the TFDS pipeline gives each
 process its own share of the data, through the whole loop.
 
 The read failures are real failures of the real read path, in one process only:
