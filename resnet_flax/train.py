@@ -119,7 +119,7 @@ class PreemptionWatcher:
 
     def _forward_sigint(self, signum, frame):
         """Ctrl-C on one process of several: a KeyboardInterrupt there would leave the others
-        waiting for it in the next collective (they hung for good). Instead it is passed on as
+        waiting for it in the next collective (both still ran 240 s later). Instead it goes on as
         a preemption notice (SIGTERM to this process, which JAX catches and tells every
         process), so all stop at one step and save; this process then exits 130."""
         del frame
