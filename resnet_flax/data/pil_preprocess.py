@@ -165,10 +165,13 @@ def _halving_factor(shape: tuple[int, int], box: Box, size: int) -> int:
     return next(f for f in (8, 4, 2, 1) if f <= max(room, 1))
 
 
-def _halving_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]:
-    """The decoded (width, height) at _halving_factor's scale (libjpeg rounds up)."""
-    factor = _halving_factor(shape, box, size)
+def _decoded_at(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """The (width, height) libjpeg decodes at scale 1/factor (it rounds up)."""
     return math.ceil(shape[0] / factor), math.ceil(shape[1] / factor)
+
+
+def _halving_decoded(shape: tuple[int, int], box: Box, size: int) -> tuple[int, int]:
+    return _decoded_at(shape, _halving_factor(shape, box, size))
 
 
 def _scaled(box: Box, factor_x: float, factor_y: float) -> tuple[float, float, float, float]:
@@ -353,8 +356,7 @@ def _window_only(encoded: bytes, shape: tuple[int, int], box: Box,
     """uint8 [h, w, 3]: only `box` decoded (jpeg_window.py), at _halving_factor's scale;
     None where libjpeg refuses the file (the whole image is decoded instead)."""
     factor = _halving_factor(shape, box, size)
-    decoded = (math.ceil(shape[0] / factor), math.ceil(shape[1] / factor))
-    left, top, right, bottom = _snapped(box, shape, decoded)
+    left, top, right, bottom = _snapped(box, shape, _decoded_at(shape, factor))
     return jpeg_window.decode(encoded, (left, top, right - left, bottom - top), factor)
 
 
