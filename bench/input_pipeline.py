@@ -313,8 +313,9 @@ def stage_times(store: Path, size: int) -> dict[str, float]:
     resized = [images[i].resize((size, size), Image.Resampling.BILINEAR, box=pil_box(i))
                for i in range(count)]
     out = np.zeros((size, size, 3), np.uint8)
-    by = {name: dataclasses.replace(recipe, train_resizer=name) for name in ('pil', 'cv2')}
-    return {
+    by = {name: dataclasses.replace(recipe, train_resizer=name, window_decode=False)
+          for name in ('pil', 'cv2')}
+    times = {
         'read (ArrayRecord)': _cpu_us(lambda i: source[i], count),
         'header + random.Random': _cpu_us(
             lambda i: (pp.image_shape(encoded[i], 'simplejpeg'), rng(i)), count),
@@ -334,6 +335,13 @@ def stage_times(store: Path, size: int) -> dict[str, float]:
         'train_example, cv2 resizer': _cpu_us(
             lambda i: pp.train_example(encoded[i], rng(i), by['cv2'], out), count),
     }
+    if pp.jpeg_window.available():  # the default where it builds: decode only the box
+        window = dataclasses.replace(by['cv2'], window_decode=True)
+        times['decode the box only (libjpeg_window, full scale)'] = _cpu_us(
+            lambda i: pp.jpeg_window.decode(encoded[i], boxes[i]), count)
+        times['train_example, window + cv2'] = _cpu_us(
+            lambda i: pp.train_example(encoded[i], rng(i), window, out), count)
+    return times
 
 
 def main(argv: list[str]) -> None:
