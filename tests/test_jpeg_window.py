@@ -36,7 +36,7 @@ def random_windows(width, height, count, seed=0):
     return windows
 
 
-@pytest.fixture(scope='module', autouse=True)
+@pytest.fixture(scope='module')
 def built():
     if not jpeg_window.available():
         pytest.skip('the JPEG window decoder cannot be built here (no cc or jpeglib.h)')
@@ -52,6 +52,7 @@ JPEGS = {
 
 
 @pytest.mark.parametrize('kind', sorted(JPEGS))
+@pytest.mark.usefixtures('built')
 def test_windows_are_tf_decode_and_crop_jpeg_bit_for_bit(kind):
     """tf.data's train decode (decode_and_crop_jpeg, INTEGER_FAST) is the reference: the
     same libjpeg calls, written independently in C++ inside TensorFlow."""
@@ -66,6 +67,7 @@ def test_windows_are_tf_decode_and_crop_jpeg_bit_for_bit(kind):
 
 
 @pytest.mark.parametrize('factor', [2, 4, 8])
+@pytest.mark.usefixtures('built')
 def test_scaled_windows_are_windows_of_simplejpegs_scaled_decode(factor):
     simplejpeg = pytest.importorskip('simplejpeg')
     encoded = encoded_jpeg(seed=factor)
@@ -79,6 +81,7 @@ def test_scaled_windows_are_windows_of_simplejpegs_scaled_decode(factor):
         np.testing.assert_array_equal(ours, whole[top:top + h, left:left + w])
 
 
+@pytest.mark.usefixtures('built')
 def test_refused_files_and_windows_return_none_and_the_process_goes_on():
     """libjpeg's errors and warnings come back as None (the loader then decodes the whole
     image as before): CMYK, a file cut before the window's rows, bytes that are no JPEG, a
@@ -92,6 +95,7 @@ def test_refused_files_and_windows_return_none_and_the_process_goes_on():
     assert jpeg_window.decode(encoded, (0, 0, 8, 8)).shape == (8, 8, 3)
 
 
+@pytest.mark.usefixtures('built')
 def test_train_example_falls_back_to_the_whole_decode_for_cmyk():
     recipe = grain_recipe(window_decode=True)
     cmyk = encoded_jpeg(mode='CMYK', size=(96, 80))
@@ -112,6 +116,7 @@ def fresh_build(tmp_path, monkeypatch):
     jpeg_window.available.cache_clear()
 
 
+@pytest.mark.usefixtures('built')
 def test_builds_into_the_cache_once(fresh_build):
     path = jpeg_window.build()
     assert path.parent == fresh_build / 'cache' and path.suffix == '.so'
