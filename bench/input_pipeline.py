@@ -293,7 +293,7 @@ def stage_times(store: Path, size: int) -> dict[str, float]:
     """Microseconds per image of each stage, both resizers; the same boxes for every stage."""
     import dataclasses
 
-    from resnet_flax.data import grain_source
+    from resnet_flax.data import grain_source, jpeg_window
     from resnet_flax.data import pil_preprocess as pp
 
     cfg = pipeline_config(store, size, 1, 'grain', 'simplejpeg', 'prepared')
@@ -335,10 +335,10 @@ def stage_times(store: Path, size: int) -> dict[str, float]:
         'train_example, cv2 resizer': _cpu_us(
             lambda i: pp.train_example(encoded[i], rng(i), by['cv2'], out), count),
     }
-    if pp.jpeg_window.available():  # the default where it builds: decode only the box
+    if jpeg_window.available():  # the default where it builds: decode only the box
         window = dataclasses.replace(by['cv2'], window_decode=True)
         times['decode the box only (libjpeg_window, full scale)'] = _cpu_us(
-            lambda i: pp.jpeg_window.decode(encoded[i], boxes[i]), count)
+            lambda i: jpeg_window.decode(encoded[i], boxes[i]), count)
         times['train_example, window + cv2'] = _cpu_us(
             lambda i: pp.train_example(encoded[i], rng(i), window, out), count)
     return times

@@ -364,12 +364,10 @@ def _resize_whole(pixels: np.ndarray, size: int, recipe,
                   out: np.ndarray | None) -> np.ndarray:
     """uint8 [S, S, 3]: all of `pixels` resized by the recipe's train_resizer."""
     height, width = pixels.shape[:2]
-    whole = whole_box((width, height))
     if recipe.train_resizer == 'cv2':
-        return cv2_window(pixels, (width, height), whole, size, recipe.resize_method, out,
-                          recipe.antialias)
-    image = Image.fromarray(pixels)
-    return _into(out, _resize(image, _scaled(whole, 1, 1), size,
+        return cv2_window(pixels, (width, height), whole_box((width, height)), size,
+                          recipe.resize_method, out, recipe.antialias)
+    return _into(out, _resize(Image.fromarray(pixels), (0, 0, width, height), size,
                               resize_filter(recipe.resize_method), recipe.antialias))
 
 
