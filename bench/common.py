@@ -29,9 +29,9 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_flax import data, evaluate, models, optim, sharding, steps, summary, train
+from resnet_flax import data, evaluate, models, sharding, summary, train
 from resnet_flax.device_augment import AugmentConfig
-from resnet_flax.state import TrainState, abstract_state, create_train_state
+from resnet_flax.state import TrainState, create_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / 'configs' / 'resnet50.py'
@@ -108,11 +108,6 @@ def config_from_flags() -> ml_collections.ConfigDict:
     return bench_config(FLAGS.config, FLAGS.batch_size_per_device, FLAGS.dtype, FLAGS.image_size)
 
 
-def step_config(config: ml_collections.ConfigDict) -> steps.StepConfig:
-    """The step options `train.train_and_evaluate` passes (the NaN test hook stays off)."""
-    return dataclasses.replace(steps.StepConfig.from_config(config), debug_nan_at_step=-1)
-
-
 @dataclasses.dataclass
 class Setup:
     """The model, the jitted step, its inputs, and the config they came from."""
@@ -134,16 +129,12 @@ def setup_train(config: ml_collections.ConfigDict) -> Setup:
     train.validate_config(config)
     info = data.get_info(config.data)
     schedule = train.make_schedule(config, info.num_train_examples)
-    mesh = sharding.create_mesh()
-    model = models.from_config(config.model)
-    learning_rate_fn = optim.create_learning_rate_schedule(config, schedule.steps_per_epoch)
-    optimizer = optim.create_optimizer(config, schedule.steps_per_epoch)
-    use_ema = config.ema_decay > 0
-    target = abstract_state(model, optimizer, info.image_shape, use_ema, mesh)
-    state = create_train_state(model, optimizer, jax.random.PRNGKey(config.seed),
-                               info.image_shape, use_ema, mesh)
-    step_fn = train.jit_train_step(model, optimizer, learning_rate_fn, step_config(config), mesh,
-                                   target)
+    parts = train.build_step_parts(config, info.image_shape, schedule.steps_per_epoch,
+                                   sharding.create_mesh())
+    model, mesh = parts.model, parts.mesh
+    state = create_train_state(model, parts.optimizer, jax.random.PRNGKey(config.seed),
+                               info.image_shape, parts.use_ema, mesh)
+    step_fn = parts.train_step
     host_batch = next(data.train_batches(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -65,13 +65,15 @@ def initialize_distributed(
             jax.distributed.initialize()
 
 
-def create_mesh() -> Mesh:
-    """A 1-D mesh over all devices of all processes.
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over all devices of all processes (or over `devices`, e.g. the devices of a
+    topology that preflight compiles for).
 
     The axis is `Auto` (compiler-propagated sharding): only the batch is annotated, and XLA
     inserts the gradient all-reduce and the cross-device BN reductions itself.
     """
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    count = len(devices) if devices is not None else jax.device_count()
+    return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -83,9 +85,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(global_batch_size: int, name: str = 'batch_size') -> None:
-    """The global batch must split evenly over processes and devices."""
-    devices = jax.device_count()
+def check_batch_size(global_batch_size: int, name: str = 'batch_size',
+                     devices: int | None = None) -> None:
+    """The global batch must split evenly over processes and devices (`devices`: a count other
+    than this job's, e.g. a preflight target's)."""
+    devices = devices or jax.device_count()
     if global_batch_size <= 0 or global_batch_size % devices:
         raise ValueError(
             f'config.{name}={global_batch_size} does not divide over {devices} devices; '

@@ -74,17 +74,19 @@ def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) ->
     )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, before anything compiles, on settings that cannot work here."""
-    sharding.check_batch_size(config.batch_size)
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Fails fast, before anything compiles, on settings that cannot work here (or on
+    `device_count` devices: a preflight target's)."""
+    devices = device_count or jax.device_count()
+    sharding.check_batch_size(config.batch_size, devices=devices)
     precision.check_training_dtypes(config.model)
-    sharding.check_batch_size(evaluate.eval_batch_size(config), 'eval_batch_size')
+    sharding.check_batch_size(evaluate.eval_batch_size(config), 'eval_batch_size', devices)
     k = config.grad_accum_steps
-    if k < 1 or config.batch_size % (k * jax.device_count()):
+    if k < 1 or config.batch_size % (k * devices):
         raise ValueError(
             f'config.batch_size={config.batch_size} cannot be split into '
-            f'grad_accum_steps={k} micro-batches over {jax.device_count()} devices; '
-            f'use a batch size that is a multiple of {max(k, 1) * jax.device_count()}.'
+            f'grad_accum_steps={k} micro-batches over {devices} devices; '
+            f'use a batch size that is a multiple of {max(k, 1) * devices}.'
         )
 
 
@@ -289,53 +291,79 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     return _final_summary(run)
 
 
-def _restore_or_init(config, model, optimizer, manager, target, info, use_ema, mesh):
+def _restore_or_init(config, parts: StepParts, manager, info):
     """The newest checkpoint if there is one, else fresh (or fine-tuning) weights."""
-    state = checkpoint.restore_latest(manager, target, model_config=config.model)
+    state = checkpoint.restore_latest(manager, parts.target, model_config=config.model)
     if state is None:
-        state = create_train_state(
-            model, optimizer, jax.random.PRNGKey(config.seed), info.image_shape, use_ema, mesh
-        )
+        state = create_train_state(parts.model, parts.optimizer, jax.random.PRNGKey(config.seed),
+                                   info.image_shape, parts.use_ema, parts.mesh)
         if config.init_from:
             from resnet_flax import finetune
 
-            state = finetune.initialize_from(state, config.init_from, optimizer)
+            state = finetune.initialize_from(state, config.init_from, parts.optimizer)
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What a run compiles, built one way for training, benchmarks and preflight: the model,
+    optimizer and schedule of the config, the state's abstract shape and shardings on `mesh`,
+    and the two jitted steps (not yet compiled)."""
+
+    model: models.ResNet
+    optimizer: Any
+    learning_rate_fn: Any
+    step_cfg: steps.StepConfig
+    mesh: Any
+    target: TrainState  # ShapeDtypeStructs with their shardings
+    train_step: Any
+    eval_fn: Any
+    use_ema: bool
+
+
+def build_step_parts(config: ml_collections.ConfigDict, image_shape: tuple[int, ...],
+                     steps_per_epoch: int, mesh) -> StepParts:
+    """The model, optimizer, shardings, donation, dtype, gradient accumulation and BN grouping
+    of `config`, and its jitted train and eval steps on `mesh`. Nothing is compiled here."""
+    model = models.from_config(config.model)
+    learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
+    optimizer = optim.create_optimizer(config, steps_per_epoch)
+    use_ema = config.ema_decay > 0
+    target = abstract_state(model, optimizer, image_shape, use_ema, mesh)
+    step_cfg = steps.StepConfig.from_config(config)
+    return StepParts(
+        model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn, step_cfg=step_cfg,
+        mesh=mesh, target=target,
+        train_step=jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target),
+        eval_fn=evaluate.make_eval_fn(model, mesh, step_cfg.augment), use_ema=use_ema)
 
 
 def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path,
             info: data.DatasetInfo) -> _Run:
-    """Mesh, model, optimizer, checkpoint manager and state (restored or new), jitted steps."""
+    """Mesh, step parts, checkpoint manager and state (restored or new)."""
     schedule = make_schedule(config, info.num_train_examples)
-    mesh = sharding.create_mesh()
-    model = models.from_config(config.model)
-    learning_rate_fn = optim.create_learning_rate_schedule(config, schedule.steps_per_epoch)
-    optimizer = optim.create_optimizer(config, schedule.steps_per_epoch)
-    use_ema = config.ema_decay > 0
+    parts = build_step_parts(config, info.image_shape, schedule.steps_per_epoch,
+                             sharding.create_mesh())
     manager = checkpoint.create_manager(
         checkpoint.checkpoint_dir(workdir), keep=config.keep_checkpoints
     )
-    target = abstract_state(model, optimizer, info.image_shape, use_ema, mesh)
     _check_config_change(config, workdir, manager.latest_step())
-    state = _restore_or_init(config, model, optimizer, manager, target, info, use_ema, mesh)
+    state = _restore_or_init(config, parts, manager, info)
     start_step = int(state.step)
     if jax.process_index() == 0:
         run_config.save(workdir, config, start_step)
 
-    step_cfg = steps.StepConfig.from_config(config)
     is_main = jax.process_index() == 0
-    run = _Run(
-        config=config, workdir=workdir, info=info, schedule=schedule, mesh=mesh,
-        manager=manager, state=state,
-        train_step=jit_train_step(model, optimizer, learning_rate_fn, step_cfg, mesh, target),
-        eval_fn=evaluate.make_eval_fn(model, mesh, step_cfg.augment), use_ema=use_ema,
+    return _Run(
+        config=config, workdir=workdir, info=info, schedule=schedule, mesh=parts.mesh,
+        manager=manager, state=state, train_step=parts.train_step, eval_fn=parts.eval_fn,
+        use_ema=parts.use_ema,
         writer=metrics_lib.MetricWriter(workdir, enabled=is_main),
         progress=metrics_lib.Progress(schedule.total_steps, start_step,
                                       enabled=is_main and start_step < schedule.total_steps),
         preemption=PreemptionWatcher(), profiler=Profiler(config, workdir),
         step=start_step, last_checkpoint=manager.latest_step(),
     )
-    return run
 
 
 def _check_config_change(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -352,7 +380,15 @@ def _announce(run: _Run) -> None:
         run.progress.write(f'Resumed from step {run.step} in {run.workdir}.')
     run.progress.write(
         f'Training to step {run.schedule.total_steps} ({run.schedule.steps_per_epoch} per '
-        f'epoch) on {jax.device_count()} devices in {jax.process_count()} processes.')
+        f'epoch) on {describe_devices(jax.devices(), jax.process_count())}.')
+
+
+def describe_devices(devices, process_count: int) -> str:
+    """'8 x NVIDIA H200 (cuda), 1 process': what a run (or a preflight target) runs on."""
+    kinds = sorted({d.device_kind for d in devices})
+    platform = devices[0].platform
+    processes = f'{process_count} process' + ('es' if process_count != 1 else '')
+    return f"{len(devices)} x {' + '.join(kinds)} ({platform}), {processes}"
 
 
 def _report_complete(run: _Run) -> dict[str, Any]:
