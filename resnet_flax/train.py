@@ -238,6 +238,9 @@ def _make_workdir(workdir: epath.Path) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
     workdir = epath.Path(workdir)
+    if jax.process_index() == 0:
+        for line in start_lines(config, jax.devices(), jax.process_count()):
+            print(line, file=sys.stderr, flush=True)
     # Fields the data makes obvious are inferred (and announced); every other problem is
     # named in one error, before any compile or any file in the workdir.
     config, info, notes = config_checks.resolve(config, workdir, validate_config)
@@ -380,7 +383,25 @@ def _announce(run: _Run) -> None:
         run.progress.write(f'Resumed from step {run.step} in {run.workdir}.')
     run.progress.write(
         f'Training to step {run.schedule.total_steps} ({run.schedule.steps_per_epoch} per '
-        f'epoch) on {describe_devices(jax.devices(), jax.process_count())}.')
+        'epoch).')
+
+
+# From this input size on a config is ImageNet-scale (the CIFAR and digits recipes use <= 64).
+IMAGENET_SCALE_MIN_IMAGE_SIZE = 128
+
+
+def start_lines(config: ml_collections.ConfigDict, devices, process_count: int) -> list[str]:
+    """A run's first lines: what it trains on, and a warning when an ImageNet-scale config
+    is about to train on a CPU."""
+    lines = [f'Training on {describe_devices(devices, process_count)}.']
+    size = int(config.data.image_size)
+    if devices[0].platform == 'cpu' and size >= IMAGENET_SCALE_MIN_IMAGE_SIZE:
+        lines.append(
+            f'Warning: an ImageNet-scale config (data.image_size={size} >= '
+            f'{IMAGENET_SCALE_MIN_IMAGE_SIZE}) is training on the CPU, where an epoch takes days; '
+            'on a GPU or TPU machine see README "On a GPU or TPU machine" (no accelerator found '
+            'here: is jax[cuda12] or jax[tpu] installed?).')
+    return lines
 
 
 def describe_devices(devices, process_count: int) -> str:
