@@ -26,19 +26,6 @@ from ml_collections import config_flags
 from resnet_flax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-flags.DEFINE_string('target', None, 'Hardware to compile for: a TPU slice (v4-32, v5e-16, '
-                    'v5p-128, v6e-8, v5p:4x4x4) or GPUs (h200, 8xh100, a100-80gb, 16xb200).')
-flags.DEFINE_integer('num_slices', 1, 'TPU slices joined by the data-centre network (DCN); '
-                     'the data axis spans them.')
-flags.DEFINE_bool('json', False, 'Also print the report as one JSON object on the last line.')
-flags.DEFINE_float('efficiency', 0.2, 'Share of the chip peak bf16 FLOP/s the speed estimate '
-                   'assumes (0.2: MLPerf ResNet-50 on H200, 7.95k img/s per GPU).')
-flags.DEFINE_integer('search_compiles', 4, 'Extra compiles to find the largest batch that '
-                     'fits (0: none).')
-flags.DEFINE_float('gpu_memory_fraction', None, 'Share of GPU memory the step may use; default '
-                   "XLA_PYTHON_CLIENT_MEM_FRACTION, else JAX's 0.75.")
-flags.mark_flags_as_required(['config', 'target'])
 
 GIB = 2**30
 # Train images per second per host CPU core, from BENCHMARKS.md section 7c (grain loader, window
@@ -51,11 +38,11 @@ def memory_budget(target, gpu_memory_fraction: float | None) -> tuple[float, str
     """Bytes the step may use per device, and how that was decided."""
     chip = target.chip
     if target.platform == 'tpu':
-        return chip.memory_gib * GIB, f'{chip.name} has {chip.memory_gib:g} GiB'
+        return chip.memory_gib * GIB, ''
     fraction = gpu_memory_fraction or float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 0.75))
     return (fraction * chip.memory_gib * GIB,
-            f"JAX gives the step {fraction:.0%} of the {chip.memory_gib:g} GiB "
-            "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
+            f' ({fraction:.0%} of the {chip.name}\'s {chip.memory_gib:g} GiB, what JAX takes; '
+            'XLA_PYTHON_CLIENT_MEM_FRACTION sets it)')
 
 
 def _gib(n: float) -> float:
@@ -132,10 +119,11 @@ def verdict(report: dict[str, Any], budget_note: str) -> str:
     chip = report['chip']
     usable = report['budget_gib']
     if report['fits']:
-        return f'fits: {train["per_device_gib"]:.1f} of {usable:g} GiB per chip ({budget_note})'
+        return f'fits: {train["per_device_gib"]:.1f} of {usable:g} GiB per chip{budget_note}'
     need = (f'needs {train["per_device_gib"]:.1f} GiB per chip' if train['per_device_gib']
             else f'XLA refused it ({train["error"]})')
-    if not train['fits'] and report['eval']['fits'] is False:
+    evaluation = report['eval'] or {'fits': None}
+    if not train['fits'] and evaluation['fits'] is False:
         need += ', and the eval step does not fit either'
     elif train['fits']:
         need = f'the eval step needs {report["eval"]["per_device_gib"]} GiB per chip'
@@ -143,12 +131,14 @@ def verdict(report: dict[str, Any], budget_note: str) -> str:
     advice = (f'the largest batch that fits is {largest} per chip' if largest
               else 'no batch tried fits')
     hint = _grad_accum_hint(report['batch_per_device'], largest, report['grad_accum_steps'])
-    return f'does not fit: {need}, {chip} has {usable:g}: {advice}{hint}'
+    return f'does not fit: {need}, {chip} has {usable:g}{budget_note}: {advice}{hint}'
 
 
 def run(config, target_name: str, num_slices: int = 1, efficiency: float = 0.2,
-        search_compiles: int = 4, gpu_memory_fraction: float | None = None) -> dict[str, Any]:
-    """Compiles `config`'s steps for the target and returns the report (see the module doc)."""
+        search_compiles: int = 4, gpu_memory_fraction: float | None = None,
+        compile_eval: bool = True, search_limit: int = 8192) -> dict[str, Any]:
+    """Compiles `config`'s steps for the target and returns the report (see the module doc).
+    `compile_eval=False` skips the eval step (a table of many targets)."""
     from resnet_flax import preflight_step, targets, train
 
     target = targets.parse_target(target_name, num_slices)
@@ -157,13 +147,14 @@ def run(config, target_name: str, num_slices: int = 1, efficiency: float = 0.2,
     train.validate_config(config, device_count=len(devices))  # before minutes of compiling
     budget, budget_note = memory_budget(target, gpu_memory_fraction)
     first = preflight_step.compile_train_step(config, devices, budget)
-    evaluation = preflight_step.compile_eval_step(config, devices, budget)
+    evaluation = (preflight_step.compile_eval_step(config, devices, budget) if compile_eval
+                  else None)
     hosts = len({d.process_index for d in devices})
     per_device = config.batch_size // len(devices)
     search = preflight_step.largest_fitting_batch(
         lambda b: preflight_step.compile_train_step(
             preflight_step.with_batch(config, b * len(devices)), devices, budget),
-        first, budget, preflight_step.search_step(config), search_compiles)
+        first, budget, preflight_step.search_step(config), search_compiles, search_limit)
     flops_image, flops_source = flops_per_image(config, first)
     report = {
         'model': f'ResNet-{config.model.depth} ({config.model.dtype})',
@@ -175,9 +166,9 @@ def run(config, target_name: str, num_slices: int = 1, efficiency: float = 0.2,
         'grad_accum_steps': config.grad_accum_steps,
         'starts_as': train.describe_devices(devices, hosts),
         'device_memory_gib': target.chip.memory_gib, 'budget_gib': round(budget / GIB, 1),
-        'fits': first.fits and evaluation.fits, 'per_device_gib': _step_dict(first)[
-            'per_device_gib'],
-        'train': _step_dict(first), 'eval': _step_dict(evaluation),
+        'fits': first.fits and (evaluation is None or evaluation.fits),
+        'per_device_gib': _step_dict(first)['per_device_gib'],
+        'train': _step_dict(first), 'eval': _step_dict(evaluation) if evaluation else None,
         'flops_per_image': flops_image, 'flops_per_step_per_device': flops_image * per_device,
         'flops_source': flops_source,
         'collectives': [vars(c) for c in first.collectives],
@@ -187,6 +178,7 @@ def run(config, target_name: str, num_slices: int = 1, efficiency: float = 0.2,
         'largest_fitting_batch': search.fits,
         'largest_fitting_global_batch': search.fits * len(devices) if search.fits else None,
         'search': {'does_not_fit': search.does_not_fit, 'step': search.step,
+                   'limit': search_limit,
                    'compiles': search.compiles, 'seconds': round(search.seconds, 1)},
         'notes': notes, 'chip_source': target.chip.source,
     }
@@ -195,15 +187,14 @@ def run(config, target_name: str, num_slices: int = 1, efficiency: float = 0.2,
 
 
 def _rows(report: dict[str, Any]) -> list[str]:
-    train, evaluation = report['train'], report['eval']
+    train = report['train']
+    evaluation = report['eval'] or dict.fromkeys(train)  # not compiled: '-'
     fields = [('arguments', 'argument_gib'), ('outputs', 'output_gib'),
               ('donated (aliased)', 'alias_gib'), ('temporaries', 'temp_gib'),
               ('per chip', 'per_device_gib'), ('compile seconds', 'compile_seconds')]
-    rows = [f'  {"":<22}{"train step":>12}{"eval step":>12}',
-            f'  {"batch per chip":<22}{train["batch_per_device"]:>12}'
-            f'{evaluation["batch_per_device"]:>12}']
-    for label, key in fields:
-        unit = '' if key == 'compile_seconds' else ' (GiB)'
+    rows = [f'  {"":<22}{"train step":>12}{"eval step":>12}']
+    for label, key in [('batch per chip', 'batch_per_device'), *fields]:
+        unit = ' (GiB)' if key.endswith('_gib') else ''
         cells = ''.join(f'{"-" if s[key] is None else s[key]:>12}' for s in (train, evaluation))
         rows.append(f'  {label + unit:<22}{cells}')
     return rows
@@ -245,14 +236,34 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f'  across {dcn["slices"]} slices (estimate): '
                      f'{dcn["dcn_bytes_per_slice_per_step"] / 1e6:,.0f} MB per slice per step '
                      f'over the data-centre network{time}')
-    if report['largest_fitting_batch'] or search['compiles']:
-        over = (f'; {search["does_not_fit"]} does not' if search['does_not_fit'] else '')
+    if search['compiles'] or not report['fits']:
+        over = (f'; {search["does_not_fit"]} does not' if search['does_not_fit'] else
+                '; larger batches were not tried' if report['largest_fitting_batch'] == search[
+                    'limit'] else '')
         lines.append(f'  largest batch that fits: {report["largest_fitting_batch"] or "none"}'
                      f' per chip{over} ({search["compiles"]} more compiles, '
                      f'{search["seconds"]:.0f} s)')
     lines += [f'  note: {note}' for note in report['notes']]
     lines.append(report['verdict'])
     return '\n'.join(lines)
+
+
+def _define_flags() -> None:
+    """Only when run as a program: the library (run, format_report) defines no flags."""
+    config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+    flags.DEFINE_string('target', None, 'Hardware to compile for: a TPU slice (v4-32, v5e-16, '
+                        'v5p-128, v6e-8, v5p:4x4x4) or GPUs (h200, 8xh100, a100-80gb, 16xb200).')
+    flags.DEFINE_integer('num_slices', 1, 'TPU slices joined by the data-centre network (DCN); '
+                         'the data axis spans them.')
+    flags.DEFINE_bool('json', False, 'Also print the report as one JSON object on the last line.')
+    flags.DEFINE_float('efficiency', 0.2, 'Share of the chip peak bf16 FLOP/s the speed estimate '
+                       'assumes (0.2: MLPerf ResNet-50 on H200, 7.95k img/s per GPU).')
+    flags.DEFINE_integer('search_compiles', 4, 'Extra compiles to find the largest batch that '
+                         'fits (0: none).')
+    flags.DEFINE_float('gpu_memory_fraction', None, 'Share of GPU memory the step may use; default '
+                       "XLA_PYTHON_CLIENT_MEM_FRACTION, else JAX's 0.75.")
+    flags.DEFINE_integer('max_batch_per_chip', 8192, 'The search tries no larger batch.')
+    flags.mark_flags_as_required(['config', 'target'])
 
 
 def main(argv: list[str]) -> None:
@@ -262,7 +273,8 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
     cli.quiet_logs()
     report = run(FLAGS.config, FLAGS.target, FLAGS.num_slices, FLAGS.efficiency,
-                 FLAGS.search_compiles, FLAGS.gpu_memory_fraction)
+                 FLAGS.search_compiles, FLAGS.gpu_memory_fraction,
+                 search_limit=FLAGS.max_batch_per_chip)
     print(format_report(report), flush=True)
     if FLAGS.json:
         print(json.dumps(report), flush=True)
@@ -270,4 +282,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+    _define_flags()
     cli.run(main)

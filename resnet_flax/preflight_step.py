@@ -223,16 +223,17 @@ def _next_probe(reports: dict[int, StepReport], lo: int | None, hi: int | None,
 
 
 def largest_fitting_batch(compile_at, first: StepReport, budget: float, step: int,
-                          max_compiles: int) -> Search:
+                          max_compiles: int, limit: int = 8192) -> Search:
     """Compiles at most `max_compiles` more batch sizes (`compile_at(per_device_batch)`),
-    narrowing the largest that fits down to `step` examples per device."""
+    narrowing the largest that fits down to `step` examples per device; batches above `limit`
+    per device are not tried."""
     start = time.perf_counter()
     reports = {first.batch_per_device: first}
     lo = first.batch_per_device if first.fits else None
     hi = None if first.fits else first.batch_per_device
     compiles = 0
-    while compiles < max_compiles and not (lo and hi and hi - lo <= step):
-        probe = _next_probe(reports, lo, hi, budget, step)
+    while compiles < max_compiles and not (lo and hi and hi - lo <= step) and (lo or 0) < limit:
+        probe = min(_next_probe(reports, lo, hi, budget, step), limit)
         if probe in reports or (hi is not None and probe >= hi) or (lo and probe <= lo):
             break
         reports[probe] = report = compile_at(probe)

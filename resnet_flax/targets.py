@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import os
 import re
 
 
@@ -179,6 +180,9 @@ def devices(target: Target) -> list:
     from jax.experimental import topologies
 
     if target.platform == 'tpu':
+        # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for the TPU it would drive;
+        # compiling drives none, so several compiles (tests, a table) may run side by side.
+        os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
         extra = {'num_slices': target.num_slices} if target.num_slices > 1 else {}
         if target.chips_per_host_bounds:
             extra['chips_per_host_bounds'] = target.chips_per_host_bounds
