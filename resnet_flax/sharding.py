@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -72,6 +73,11 @@ def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     The axis is `Auto` (compiler-propagated sharding): only the batch is annotated, and XLA
     inserts the gradient all-reduce and the cross-device BN reductions itself.
     """
+    every = list(devices) if devices is not None else jax.devices()
+    slices = len({getattr(d, 'slice_index', 0) for d in every})
+    if slices > 1:  # multi-slice TPU: jax.make_mesh refuses; the data axis spans the slices
+        grid = mesh_utils.create_hybrid_device_mesh((len(every) // slices,), (slices,), every)
+        return Mesh(grid, (DATA_AXIS,), axis_types=(AxisType.Auto,))
     count = len(devices) if devices is not None else jax.device_count()
     return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 

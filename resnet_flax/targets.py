@@ -186,6 +186,10 @@ def devices(target: Target) -> list:
         extra = {'num_slices': target.num_slices} if target.num_slices > 1 else {}
         if target.chips_per_host_bounds:
             extra['chips_per_host_bounds'] = target.chips_per_host_bounds
+        if _TENSORCORES_PER_CHIP[target.chip.name] == 2:
+            # One JAX device per chip, its two TensorCores together, as on a v4 or v5p VM
+            # (libtpu's default for v4 would be one device per TensorCore).
+            extra['chip_config_name'] = 'megacore'
         try:
             return topologies.get_topology_desc(target.topology, platform='tpu', **extra).devices
         except RuntimeError as error:

@@ -114,6 +114,20 @@ def test_small_resnet_compiles_for_a_tpu_slice_with_flops_matching_its_macs():
 
 @needs_libtpu
 @pytest.mark.preflight
+def test_two_slices_compile_with_the_data_axis_across_them():
+    report = preflight.run(_tiny(64), 'v5e-4', num_slices=2, search_compiles=0,
+                           compile_eval=False)
+    assert (report['devices'], report['hosts'], report['batch_per_device']) == (8, 2, 8)
+    reduced = sum(c['bytes'] for c in report['collectives'] if c['kind'] == 'all-reduce')
+    params = summary.summarize(models.from_config(_tiny(64).model), 16)['params']
+    assert reduced >= 2 * params
+    # Two slices: each sends 2 (S - 1) / S = 1 x the reduced bytes over the DCN.
+    assert report['dcn']['dcn_bytes_per_slice_per_step'] == reduced
+    assert 'across 2 slices' in preflight.format_report(report)
+
+
+@needs_libtpu
+@pytest.mark.preflight
 def test_an_oversized_batch_does_not_fit_and_the_batch_it_names_does():
     huge = 2**16  # per chip, at 64 px: far beyond a v5e's 16 GiB
     report = preflight.run(_tiny(huge, 64), 'v5e-1', search_compiles=3, compile_eval=False)
