@@ -40,7 +40,7 @@ def row(report: dict) -> str:
         fits_at = 'not searched'
     else:
         over = f' (< {search["does_not_fit"]})' if search['does_not_fit'] else ''
-        fits_at = f'{largest or "none"}{over}'
+        fits_at = f'{largest or "none"}{over}' if over or not largest else f'>= {largest}'
     per_chip = report['per_device_gib']
     gib = f'{per_chip:.1f}' if per_chip is not None else 'OOM'
     flops_source = 'XLA' if 'XLA' in report['flops_source'] else 'MACs'

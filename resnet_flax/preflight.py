@@ -263,6 +263,7 @@ def _define_flags() -> None:
     flags.DEFINE_float('gpu_memory_fraction', None, 'Share of GPU memory the step may use; default '
                        "XLA_PYTHON_CLIENT_MEM_FRACTION, else JAX's 0.75.")
     flags.DEFINE_integer('max_batch_per_chip', 8192, 'The search tries no larger batch.')
+    flags.DEFINE_bool('eval_step', True, 'Also compile the eval step.')
     flags.mark_flags_as_required(['config', 'target'])
 
 
@@ -274,7 +275,7 @@ def main(argv: list[str]) -> None:
     cli.quiet_logs()
     report = run(FLAGS.config, FLAGS.target, FLAGS.num_slices, FLAGS.efficiency,
                  FLAGS.search_compiles, FLAGS.gpu_memory_fraction,
-                 search_limit=FLAGS.max_batch_per_chip)
+                 compile_eval=FLAGS.eval_step, search_limit=FLAGS.max_batch_per_chip)
     print(format_report(report), flush=True)
     if FLAGS.json:
         print(json.dumps(report), flush=True)
