@@ -30,13 +30,14 @@ flags.DEFINE_integer('search_compiles', 2, 'Extra compiles per searched row.')
 flags.DEFINE_float('efficiency', 0.2, 'Share of peak bf16 FLOP/s for the speed estimate.')
 flags.DEFINE_bool('eval_step', False, 'Also compile the eval step (twice the time).')
 flags.DEFINE_string('out', '', 'Write the rows so far as JSON lines to this file.')
+flags.DEFINE_list('render', [], 'Only print the table of these --out files (no compiling).')
 FLAGS = flags.FLAGS
 
 
 def row(report: dict) -> str:
     est, search = report['estimate'], report['search']
     largest = report['largest_fitting_batch']
-    if largest is None and not search['compiles']:
+    if not search['compiles']:
         fits_at = 'not searched'
     else:
         over = f' (< {search["does_not_fit"]})' if search['does_not_fit'] else ''
@@ -59,6 +60,12 @@ HEADER = ('| model | target | batch per chip (recipe) | GiB per chip (of usable)
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    if FLAGS.render:
+        reports = [json.loads(line) for name in FLAGS.render
+                   for line in epath.Path(name).read_text().splitlines() if line.strip()]
+        print(HEADER)
+        print('\n'.join(row(r) for r in reports))
+        return
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile-only
     from resnet_flax import cli, preflight
 

@@ -123,10 +123,11 @@ def verdict(report: dict[str, Any], budget_note: str) -> str:
     need = (f'needs {train["per_device_gib"]:.1f} GiB per chip' if train['per_device_gib']
             else f'XLA refused it ({train["error"]})')
     evaluation = report['eval'] or {'fits': None}
-    if not train['fits'] and evaluation['fits'] is False:
+    if train['fits']:  # only the eval step is too big
+        return (f'does not fit: the eval step needs {evaluation["per_device_gib"]} GiB per chip, '
+                f'{chip} has {usable:g}{budget_note}: set a smaller --config.eval_batch_size')
+    if evaluation['fits'] is False:
         need += ', and the eval step does not fit either'
-    elif train['fits']:
-        need = f'the eval step needs {report["eval"]["per_device_gib"]} GiB per chip'
     largest = report['largest_fitting_batch']
     advice = (f'the largest batch that fits is {largest} per chip' if largest
               else 'no batch tried fits')
