@@ -191,7 +191,7 @@ def _rows(report: dict[str, Any]) -> list[str]:
     train = report['train']
     evaluation = report['eval'] or dict.fromkeys(train)  # not compiled: '-'
     fields = [('arguments', 'argument_gib'), ('outputs', 'output_gib'),
-              ('donated (aliased)', 'alias_gib'), ('temporaries', 'temp_gib'),
+              ('donated', 'alias_gib'), ('temporaries', 'temp_gib'),
               ('per chip', 'per_device_gib'), ('compile seconds', 'compile_seconds')]
     rows = [f'  {"":<22}{"train step":>12}{"eval step":>12}']
     for label, key in [('batch per chip', 'batch_per_device'), *fields]:

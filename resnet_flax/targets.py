@@ -55,7 +55,6 @@ CHIPS = {
 }
 GPU_ALIASES = {'a100': None, 'h100-80gb': 'h100', 'h100-sxm': 'h100', 'h200-141gb': 'h200'}
 GPUS_PER_HOST = 8  # HGX/DGX nodes; more GPUs than this are several hosts
-TPU_CHIPS_PER_HOST = 4  # multi-host slices of every generation here (single-host v5e/v6e: 8)
 # libtpu's topology names, by the generation names users type.
 _TPU_TOPOLOGY_PREFIX = {'v4': 'v4', 'v5p': 'v5p', 'v5e': 'v5e', 'v5litepod': 'v5e', 'v6e': 'v6e'}
 _TENSORCORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}
