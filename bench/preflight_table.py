@@ -63,6 +63,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.render:
         reports = [json.loads(line) for name in FLAGS.render
                    for line in epath.Path(name).read_text().splitlines() if line.strip()]
+        reports.sort(key=lambda r: (int(r['model'].split()[0].split('-')[1]), r['target']))
         print(HEADER)
         print('\n'.join(row(r) for r in reports))
         return

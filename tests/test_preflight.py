@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,9 @@ from configs import resnet50
 from resnet_flax import models, preflight, summary, targets
 from tests.tiny import REPO, tiny_config
 
+# Whichever comes first in this worker, a JAX backend start or a topology, libtpu must not take
+# its machine-wide lock: the CLI tests' subprocesses load libtpu too.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 HAS_CUDA_PLUGIN = importlib.util.find_spec('jax_cuda12_plugin') is not None
 needs_libtpu = pytest.mark.skipif(
