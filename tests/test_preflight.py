@@ -179,7 +179,7 @@ def test_config_and_target_errors_are_one_line(args):
 
 @pytest.mark.preflight
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (~5.5 GB): pip install -e "
-                    "'.[cuda12]'; its result is in BENCHMARKS.md section 12")
+                    "'.[cuda12]'; its result is in BENCHMARKS.md section 13")
 def test_gpu_target_compiles_without_a_gpu():
     result = _preflight_cli('--config=configs/digits.py', '--target=2xh100', '--json',
                             '--search_compiles=0', '--config.batch_size=64')
