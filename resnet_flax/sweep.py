@@ -746,6 +746,7 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == '__main__':
     from resnet_flax import cli
 
-    _define_flags()
     sys.argv = normalize_argv(sys.argv)
+    sweep_launch.check_slurm_flags(sys.argv)  # before the flag is defined: it parses sys.argv
+    _define_flags()
     cli.run(main)

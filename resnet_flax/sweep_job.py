@@ -66,7 +66,7 @@ def log_reason(log_path: epath.Path, since: int) -> str:
     """Why an attempt failed: its log's last error line (written after byte `since`)."""
     try:
         with log_path.open('rb') as f:
-            f.seek(max(since, log_path.stat().st_size - 8192))
+            f.seek(max(since, log_path.stat().length - 8192))
             lines = f.read().decode(errors='replace').splitlines()
     except OSError:
         return ''
@@ -156,6 +156,7 @@ class TrainJob:
                 self._child = subprocess.Popen(
                     self.argv, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, **self.env}, preexec_fn=self._child_signals())
+                self._update(rank, child_pid=self._child.pid)
                 returncode = self._wait()
             if returncode not in _STOPPED and not self._stop_signal:
                 reason = f'exit status {returncode}: {log_reason(log_path, since)}'

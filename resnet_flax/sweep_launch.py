@@ -53,6 +53,17 @@ def slurm_defaults() -> ml_collections.ConfigDict:
     ))
 
 
+def check_slurm_flags(argv: Sequence[str]) -> None:
+    """A misspelt --slurm.NAME is a one-line error naming the options, not a traceback."""
+    names = list(slurm_defaults())
+    for arg in argv:
+        if arg.startswith('--slurm.'):
+            name = arg[len('--slurm.'):].split('=', 1)[0]
+            if name not in names:
+                raise SystemExit(f'Error: --slurm.{name} is not a SLURM option; the options: '
+                                 f'{", ".join("--slurm." + n for n in names)}')
+
+
 # ---------------------------------------------------------------------------------------------
 # Records
 
@@ -111,11 +122,11 @@ def run_local(items: Sequence[tuple[Run, sweep_job.TrainJob]], parallel: int = 1
     for env in device_groups(parallel, visible_gpus() if gpus is None else gpus):
         slots.put(env)
     job_id = f'local-{os.getpid()}'
-    started = workdir_lock._process_start_time(os.getpid()) or time.time()
+    pid_started = workdir_lock._process_start_time(os.getpid()) or time.time()
     for run, job in items:
         job.job_id = job_id
         write_job_record(run, launcher='local', job_id=job_id, pid=os.getpid(),
-                         pid_started=started, last_step=job.last_step,
+                         pid_started=pid_started, last_step=job.last_step,
                          log=str(job.log_path()))
     lock = threading.Lock()
 
@@ -198,7 +209,7 @@ def make_executor(launcher: str, workdir: epath.Path, options: ml_collections.Co
     """A submitit executor writing its job files under DIR/submitit/JOB_ID/."""
     import submitit
 
-    folder = epath.Path(workdir) / SUBMITIT_FOLDER / '%j'
+    folder = str(epath.Path(workdir) / SUBMITIT_FOLDER / "%j")
     if launcher == 'slurm':
         if shutil.which('sbatch') is None:
             raise ValueError('--launcher=slurm needs SLURM (no sbatch on this machine); submit '

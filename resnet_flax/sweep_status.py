@@ -20,8 +20,11 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from etils import epath
 
 from resnet_flax import metrics as metrics_lib
 from resnet_flax import sweep_job, sweep_launch, workdir_lock
@@ -65,6 +68,7 @@ def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
     import submitit
 
     watcher = submitit.SlurmJob.watcher  # shared by all SlurmJobs: one sacct for them all
+    watcher.clear()  # a fresh answer, also for the jobs it saw end before
     for job_id in job_ids:
         watcher.register_job(job_id)
     watcher.update()
@@ -145,17 +149,34 @@ def _from_record(recorded: str | None, run: Mapping[str, Any], job: Mapping[str,
     return 'not started', ''
 
 
+def _unlaunched_state(workdir: epath.Path, has_metrics: bool) -> tuple[str, str] | None:
+    """A run no sweep launched (e.g. a --print-commands command on a TPU pod): running while
+    train.py holds its workdir lock (a live heartbeat), stopped if it logged and let go."""
+    lock = workdir / workdir_lock.LOCK_FILE
+    try:
+        age = time.time() - lock.stat().mtime
+    except OSError:
+        age = None
+    if age is not None and age < workdir_lock.STALE_AFTER_SECONDS:
+        return 'running', 'its train.lock is held'
+    return ('stopped', 'started outside the sweep') if has_metrics else None
+
+
 def run_status(run: Run, slurm: Mapping[str, str] | None = None,
                last_step: int | None = None) -> RunStatus:
-    """Where `run` stands (`slurm`: the SLURM states of its jobs, from slurm_states)."""
+    """Where `run` stands (`slurm`: the SLURM states of its jobs, from slurm_states;
+    `last_step`: its final step, by default the one it was launched with)."""
     record = sweep_job.read_json(run.workdir / sweep_job.RUN_FILE)
     job = sweep_launch.read_job_record(run.workdir)
-    last_step = job.get('last_step') or record.get('last_step') or last_step
+    # The caller's (the sweep's current schedule) wins over what the records were launched with.
+    last_step = last_step or job.get('last_step') or record.get('last_step')
     metrics = metrics_lib.read_metrics(run.workdir) if run.workdir.exists() else []
     evals = [r for r in metrics if r.get('split') == 'eval']
     finished = last_step is not None and any(r['step'] == last_step for r in evals)
     scheduler = scheduler_state(job, slurm or {}) if job else None
     state, note = derive_state(finished, record, job, scheduler)
+    if state == 'not started' and not record and not job:
+        state, note = _unlaunched_state(run.workdir, bool(metrics)) or (state, note)
     return RunStatus(
         variant=run.variant.name, seed=run.seed, state=state,
         step=max((r['step'] for r in metrics), default=None), last_step=last_step,
