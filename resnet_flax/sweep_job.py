@@ -228,6 +228,8 @@ class TrainJob:
             deadline = time.time() + self.stop_timeout_s
             while child.poll() is None and time.time() < deadline:
                 time.sleep(0.5)
+            if child.poll() is None:  # it would hold the workdir lock against the requeued job
+                child.kill()  # (no blocking wait: the interrupted main thread may hold its lock)
         return DelayedSubmission(self, *args, **kwargs)
 
     # ---- The record (sweep_run.json), written by rank 0 only.

@@ -127,6 +127,11 @@ def test_submitit_grid_matches_local_parallel_and_status_follows_it(tmp_path):
         seen = _gpus_of_running_children(local_runs)
         if len(seen) == 2:
             pairs.append(sorted(seen.values()))
+            # --status agrees: those two run (or just finished), the others wait or are done.
+            states = {r.label: s.state for r, s in
+                      zip(local_runs, sweep_status.sweep_status(local_runs), strict=True)}
+            assert all(states[label] in ('running', 'done') for label in seen), states
+            assert all(state in ('queued', 'done', 'running') for state in states.values())
         time.sleep(0.2)
     assert local.returncode == 0, (tmp_path / 'local.log').read_text()[-3000:]
     assert pairs and all(pair == ['0', '1'] for pair in pairs), pairs
