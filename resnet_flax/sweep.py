@@ -1,7 +1,11 @@
 """Ablation sweeps: train a grid of config variants, then tabulate and plot their results.
 
     python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR
+    python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR --parallel=8
+    python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR \
+        --launcher=slurm --slurm.partition=gpu --slurm.gpus_per_node=8
     python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR --print-commands
+    python -m resnet_flax.sweep --status --workdir=DIR
     python -m resnet_flax.sweep --report --workdir=DIR
 
 Run from the repository root (train.py lives there). A sweep file is an experiment config whose
@@ -14,13 +18,17 @@ Run from the repository root (train.py lives there). A sweep file is an experime
 - `seeds`: the seeds every variant trains with (default: the config's seed).
 
 Each (variant, seed) trains in `DIR/VARIANT/seedS` with `train.py --config=SWEEP_FILE
---config.KEY=VALUE ...`, one after another as subprocesses (the same commands that
-`--print-commands` gives a cluster scheduler). A run whose final step's eval is in its
-metrics.jsonl is skipped; any other resumes from its newest checkpoint (train.py does that).
+--config.KEY=VALUE ...` (the commands that `--print-commands` prints): here, one after another
+or `--parallel=N` at once (sweep_launch.run_local), or as SLURM jobs through submitit
+(`--launcher=slurm`, one job array; sweep_launch.submit), each run by a sweep_job.TrainJob. A
+run whose final step's eval is in its metrics.jsonl is skipped, and so is one already queued or
+running, or one that failed `--max_failures` times; any other resumes from its newest
+checkpoint (train.py does that). `--status` prints where each run stands (sweep_status).
 `--config.KEY=VALUE` flags change every variant (e.g. `--config.data.dataset=cifar10`); they
 may not touch a key the sweep varies. `--config.seeds=(0,1,2)` changes the seeds (finished runs
 of the other seeds are kept). Each run's output goes to its `train.log`, its wall time
-(start-up and compilation included, summed over attempts) to its `sweep_run.json`.
+(start-up and compilation included, summed over attempts), state and failures to its
+`sweep_run.json`, and its launcher and job id to its `sweep_job.json`.
 
 `--report` reads every run's config.json and metrics.jsonl and writes, in DIR: `results.md`
 (Markdown table: final eval top-1, top-5 and loss, the last train-loss window, params, MACs,

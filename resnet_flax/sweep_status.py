@@ -138,8 +138,8 @@ def _from_record(recorded: str | None, run: Mapping[str, Any], job: Mapping[str,
         return 'failed', (f'{failures} failure(s): ' if failures else '') + reason
     if recorded == 'stopped':
         return 'stopped', reason
-    if recorded == 'done':
-        return 'done', ''
+    if recorded == 'done':  # but not at this final step: the sweep's schedule grew since
+        return 'stopped', f"finished at step {run.get('last_step')}; the schedule is longer now"
     if job:  # launched, and its job never began the run
         if scheduler is None and job.get('launcher') == 'slurm':
             return 'queued', 'per the submission; no sacct here'
