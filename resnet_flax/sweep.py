@@ -61,7 +61,6 @@ import ml_collections
 from etils import epath
 
 from resnet_flax import metrics as metrics_lib
-from resnet_flax import run_config as run_config_lib
 from resnet_flax import sweep_job, sweep_launch, sweep_status
 
 SWEEP_FIELDS = ('axes', 'seeds')  # a sweep file's fields that are not training config
@@ -363,6 +362,8 @@ def _discover(workdir: epath.Path) -> tuple[list[Variant], list[int]]:
 
 def _last_step_of(run: Run) -> int | None:
     """The final step of a run, from the config.json it trained with (None before it starts)."""
+    from resnet_flax import run_config as run_config_lib  # flax and jax: only when needed
+
     path = run.workdir / 'config.json'
     if not path.exists():
         return None
@@ -389,6 +390,8 @@ def _model_cost(config: Mapping[str, Any]) -> tuple[int, int]:
 
 def gather_run(run: Run) -> dict[str, Any] | None:
     """One run's final metrics and curves, or None if it has not written its config yet."""
+    from resnet_flax import run_config as run_config_lib  # flax and jax: only when needed
+
     config_path = run.workdir / 'config.json'
     if not config_path.exists():
         return None
