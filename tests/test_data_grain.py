@@ -3,6 +3,7 @@ store written by `resnet_flax.data.prepare`, and imagenet2012 prepared as ArrayR
 real TFDS builder."""
 
 import itertools
+import math
 import random
 import subprocess
 import sys
@@ -258,6 +259,70 @@ def test_inception_box_stays_inside_and_covers_the_area_range():
             (500, 375), rng, (0.08, 1.0), (3 / 4, 4 / 3))
         assert left >= 0 and left + width <= 500 and top >= 0 and top + height <= 375
         assert 0.07 * 500 * 375 <= width * height <= 500 * 375
+
+
+BOX_DRAWS = 3000
+INCEPTION = dict(area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3))
+
+
+def tf_data_boxes(shape, count):
+    """(left, top, width, height) [4, count] from the tf.data loader's own sampler
+    (preprocess.inception_window: tf.image.stateless_sample_distorted_bounding_box)."""
+    tf = pytest.importorskip('tensorflow')
+    from resnet_flax.data import preprocess
+
+    size = tf.constant([shape[1], shape[0]])
+
+    @tf.function
+    def draw(seeds):
+        return tf.map_fn(lambda seed: preprocess.inception_window(
+            size, seed, INCEPTION['area_range'], INCEPTION['aspect_range']),
+            seeds, fn_output_signature=tf.int32)
+
+    seeds = tf.stack([tf.range(count, dtype=tf.int64), tf.fill([count], tf.constant(
+        7, tf.int64))], axis=1)
+    top, left, height, width = draw(seeds).numpy().T
+    return np.stack([left, top, width, height])
+
+
+def grain_boxes(shape, count, sampler=None):
+    sampler = sampler or pil_preprocess.inception_box
+    return np.array([sampler(shape, random.Random(f'ks/{i}'), INCEPTION['area_range'],
+                             INCEPTION['aspect_range']) for i in range(count)]).T
+
+
+def torchvision_box(shape, rng, area_range, aspect_range):
+    """The grain loader's sampler before it followed TF's (torchvision's RandomResizedCrop:
+    uniform area, log-uniform aspect), kept to show the test below tells them apart."""
+    width, height = shape
+    for _ in range(10):
+        target = width * height * rng.uniform(*area_range)
+        aspect = math.exp(rng.uniform(math.log(aspect_range[0]), math.log(aspect_range[1])))
+        crop_w, crop_h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
+    return 0, 0, width, height
+
+
+def box_statistics(boxes, shape):
+    left, top, width, height = boxes
+    return {'area': width * height / (shape[0] * shape[1]), 'aspect': width / height,
+            'left': left / shape[0], 'top': top / shape[1]}
+
+
+@pytest.mark.parametrize('shape', [(500, 375), (1000, 120), (28, 28)])
+def test_both_loaders_draw_inception_crops_from_one_distribution(shape):
+    """A two-sample Kolmogorov-Smirnov test per box statistic, on 3,000 boxes from each
+    loader's sampler (fixed seeds, so the p-values are fixed too): the grain loader's must
+    be indistinguishable from tf.data's, and the torchvision-style sampler it had before
+    (mean area 0.43 against 0.37 on 500x375) must be told apart."""
+    stats = pytest.importorskip('scipy.stats')
+    reference = box_statistics(tf_data_boxes(shape, BOX_DRAWS), shape)
+    ours = box_statistics(grain_boxes(shape, BOX_DRAWS), shape)
+    before = box_statistics(grain_boxes(shape, BOX_DRAWS, torchvision_box), shape)
+    for name, values in reference.items():
+        assert stats.ks_2samp(values, ours[name]).pvalue > 0.01, name
+    assert stats.ks_2samp(reference['area'], before['area']).pvalue < 1e-6
 
 
 def test_cifar_pad_crop_shifts_in_black_borders():
