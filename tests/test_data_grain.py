@@ -3,6 +3,7 @@ store written by `resnet_flax.data.prepare`, and imagenet2012 prepared as ArrayR
 real TFDS builder."""
 
 import itertools
+import json
 import math
 import random
 import subprocess
@@ -374,6 +375,58 @@ def test_dali_when_absent_is_a_one_line_error(folder):
         pytest.skip('DALI is installed here')
     with pytest.raises(ValueError, match="data.loader='dali' needs NVIDIA DALI"):
         data.get_info(folder_config(folder, loader='dali'))
+
+
+def bomb_folder(root):
+    """A small folder plus one 1500x1500 PNG (a few KB): over PIL's decompression-bomb limit
+    once the test lowers Image.MAX_IMAGE_PIXELS to 1e6 (PIL refuses above twice the limit)."""
+    write_folder(root, per_class=4)
+    Image.new('RGB', (1500, 1500), (90, 30, 200)).save(root / 'class0' / 'huge.png')
+    return root
+
+
+def test_an_image_over_pils_bomb_limit_is_skipped_and_counted_when_indexed(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000_000)
+    cfg = folder_config(bomb_folder(tmp_path / 'folder'), holdout_fraction=0.0,
+                        eval_split='train')
+    info = data.get_info(cfg)
+    assert info.num_skipped_examples == 1 and info.num_train_examples == NUM_CLASSES * 4
+
+
+def test_an_image_that_fails_to_decode_in_the_loader_is_skipped_not_fatal(tmp_path,
+                                                                        monkeypatch):
+    """The index read the PNG's header under the default limit (as TFDS sets and stores are
+    never indexed); decoding then meets PIL's DecompressionBombError, which is no OSError.
+    Train batches take the next record in its place; eval masks it out."""
+    cfg = folder_config(bomb_folder(tmp_path / 'folder'), holdout_fraction=0.0,
+                        eval_split='train', train_crop='none', random_flip=False)
+    info = data.get_info(cfg)
+    total = NUM_CLASSES * 4 + 1
+    assert info.num_skipped_examples == 0 and info.num_train_examples == total
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000_000)
+    huge = grain_source.records(cfg, 'train').paths.index(str(tmp_path / 'folder' / 'class0' /
+                                                               'huge.png'))
+    batches = train(cfg, 2 * (total // 6) + 1, global_batch_size=6)
+    assert all(b['image'].shape == (6, 16, 16, 3) for b in batches)
+    assert ('train', huge) in grain_source._UNREADABLE  # noqa: SLF001 - what was logged
+    evaluated = take(data.eval_batches(cfg, global_batch_size=4), 99)
+    masks = np.concatenate([b['mask'] for b in evaluated])
+    assert masks.sum() == total - 1 and not masks[huge]
+
+
+def test_prepare_skips_and_counts_an_image_over_the_bomb_limit(tmp_path, monkeypatch):
+    root = bomb_folder(tmp_path / 'folder')
+    cfg_json = json.dumps({'dataset': 'image_folder', 'data_dir': str(root),
+                           'train_split': 'train', 'eval_split': 'validation',
+                           'holdout_fraction': 0.0})
+    assert prepare._split_size(cfg_json, 'train') == NUM_CLASSES * 4 + 1  # noqa: SLF001
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000_000)  # decoding now refuses it
+    info = prepare.prepare(cfg_json, ['train'], str(tmp_path / 'store'), max_side=32,
+                           quality=90, examples_per_shard=8, workers=1)
+    assert info.splits['train'].num_examples == NUM_CLASSES * 4
+    sidecars = sorted((tmp_path / 'store' / 'train').glob('*.json'))
+    assert sum(json.loads(p.read_text())['skipped'] for p in sidecars) == 1
 
 
 def test_prepare_round_trip_and_rerun_skips_written_shards(folder, tmp_path):

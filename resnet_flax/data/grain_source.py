@@ -31,6 +31,7 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+from absl import logging
 
 from resnet_flax.data import budget as budget_lib
 from resnet_flax.data import info as info_lib
@@ -286,18 +287,47 @@ def _batch_arrays(count: int, size: int) -> Batch:
 # elements, grain's map and stack machinery took ~20% of a decoding thread's time (py-spy,
 # BENCHMARKS.md section 7a), ~5% this way.
 
+# A file that does not decode (corrupt, cut, over PIL's decompression-bomb limit) is skipped,
+# counted and logged rather than stopping the run: in training the next records of the split
+# stand in (the same ones on every process and after a resume); in eval it is masked out.
+# Index-time checks (image folders) catch most such files before the run; these are the rest.
+SUBSTITUTE_TRIES = 16
+_UNREADABLE: set[tuple[str, int]] = set()  # (split kind, record) this process skipped
+
+
+def _skip_unreadable(kind: str, index: int, error: Exception) -> None:
+    if (kind, index) not in _UNREADABLE:
+        _UNREADABLE.add((kind, index))
+        logging.warning('Skipping unreadable %s image %d (%s: %s); %d skipped so far by this '
+                        'process.', kind, index, type(error).__name__, str(error)[:160],
+                        len(_UNREADABLE))
+
+
 class LoadTrainBatch:
     def __init__(self, plan: TrainPlan, source, recipe: Recipe, seed: int):
         self.plan, self.source, self.recipe, self.seed = plan, source, recipe, seed
 
-    def __call__(self, step: int) -> Batch:
-        batch = _batch_arrays(self.plan.local, self.recipe.image_size)
-        for slot, (index, epoch, position) in enumerate(self.plan.batch(step)):
-            encoded, batch['label'][slot] = self.source[index]
+    def _example(self, index: int, epoch: int, position: int, out: np.ndarray) -> int:
+        """Decodes record `index` (or the next readable one) into `out`; returns its label."""
+        for offset in range(SUBSTITUTE_TRIES):
+            candidate = (index + offset) % len(self.source)
+            encoded, label = self.source[candidate]
             # random.Random seeded with a string is deterministic on every platform and ~20x
             # cheaper to build than a numpy Generator: it matters at 1,000 images/s per core.
             rng = random.Random(f'{self.seed}/{AUGMENT_STREAM}/{epoch}/{position}')
-            pil_preprocess.train_example(encoded, rng, self.recipe, batch['image'][slot])
+            try:
+                pil_preprocess.train_example(encoded, rng, self.recipe, out)
+                return label
+            except pil_preprocess.UNREADABLE as error:
+                _skip_unreadable('train', candidate, error)
+        raise ValueError(f'{SUBSTITUTE_TRIES} images in a row from record {index} of the '
+                         'train split do not decode: check the data set (prepare it again, '
+                         'or set data.verify_images=True for an image folder).')
+
+    def __call__(self, step: int) -> Batch:
+        batch = _batch_arrays(self.plan.local, self.recipe.image_size)
+        for slot, (index, epoch, position) in enumerate(self.plan.batch(step)):
+            batch['label'][slot] = self._example(index, epoch, position, batch['image'][slot])
         return batch
 
 
@@ -315,8 +345,13 @@ class LoadEvalBatch:
         positions = range(first, min(first + self.local, len(self.source)))
         batch['mask'] = np.arange(first, first + self.local) < len(self.source)
         for slot, position in enumerate(positions):
-            encoded, batch['label'][slot] = self.source[position]
-            batch['image'][slot] = pil_preprocess.eval_example(encoded, self.recipe)
+            encoded, label = self.source[position]
+            try:
+                batch['image'][slot] = pil_preprocess.eval_example(encoded, self.recipe)
+                batch['label'][slot] = label
+            except pil_preprocess.UNREADABLE as error:  # left out of the metrics
+                _skip_unreadable('eval', position, error)
+                batch['mask'][slot] = False
         return batch
 
 

@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image
 
-from resnet_flax.data import store
+from resnet_flax.data import pil_preprocess, store
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'image_folder', "'image_folder' or a TFDS name (imagenet2012).")
@@ -149,7 +149,7 @@ def write_shard(cfg_json: str, job: Job, out: str, max_side: int, quality: int) 
             try:
                 writer.write(store.encode_record(label, shrink(encoded, max_side, quality)))
                 written += 1
-            except (OSError, ValueError, TypeError) as error:  # PIL: corrupt or not an image
+            except (*pil_preprocess.UNREADABLE, TypeError) as error:  # corrupt, a bomb
                 logging.warning('Skipping an undecodable image in %s: %s', final.name, error)
                 skipped += 1
         writer.close()

@@ -44,6 +44,9 @@ def read_image_bytes(path: str) -> tuple[bytes, str]:
         with Image.open(io.BytesIO(encoded)) as image:
             image_format = image.format or ''
             image.load()  # a truncated or corrupt body fails here, not only a bad header
+    except Image.DecompressionBombError as error:  # not an OSError: PIL's size limit
+        raise ValueError(f'{path} is too large to decode safely ({error}); shrink it, or '
+                         'raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.') from None
     except UnidentifiedImageError:
         raise ValueError(f'{path} is not an image: PIL knows no image format with its contents; '
                          'pass a JPEG, PNG, GIF, BMP, WEBP or TIFF file.') from None
