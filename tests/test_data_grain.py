@@ -125,7 +125,7 @@ def test_eval_sees_every_example_once_over_two_processes(folder, global_batch):
 
 def test_eval_is_the_centre_crop_at_the_eval_size(folder):
     """Low-resolution training: train at 16, evaluate at 24, the centre 0.875 of the short side."""
-    cfg = folder_config(folder, eval_image_size=24, decoder='pil')
+    cfg = folder_config(folder, eval_image_size=24, decoder='pil', eval_crop='center')
     batch = next(data.eval_batches(cfg, global_batch_size=6))
     assert batch['image'].shape == (6, 24, 24, 3)
     path = grain_source.records(cfg, 'validation').paths[0]
@@ -459,6 +459,27 @@ def test_prepare_round_trip_and_rerun_skips_written_shards(folder, tmp_path):
     for image_bytes, _ in (grain_source.records(stored, 'train')[i] for i in range(18)):
         with Image.open(pil_preprocess.io.BytesIO(image_bytes)) as image:
             assert max(image.size) <= 32 and image.format == 'JPEG'
+
+
+@pytest.mark.parametrize('changed', [{'max_side': 24}, {'quality': 70}])
+def test_prepare_rerun_with_other_settings_is_refused_in_one_line(folder, tmp_path, changed):
+    """Reusing the finished shards would mix two sizes or qualities under one store.json."""
+    cfg_json = json.dumps({'dataset': 'image_folder', 'data_dir': str(folder),
+                           'train_split': 'train', 'eval_split': 'validation',
+                           'holdout_fraction': 0.25})
+    out = tmp_path / 'store'
+    first = dict(max_side=32, quality=90, examples_per_shard=8, workers=1)
+    prepare.prepare(cfg_json, ['train'], str(out), **first)
+    before = {p.name: p.read_bytes() for p in (out / 'train').iterdir()}
+    with pytest.raises(ValueError, match='one store cannot mix them') as error:
+        prepare.prepare(cfg_json, ['train', 'validation'], str(out), **{**first, **changed})
+    assert '\n' not in str(error.value) and f'delete {out}' in str(error.value)
+    assert {p.name: p.read_bytes() for p in (out / 'train').iterdir()} == before
+    assert not (out / 'validation').exists()
+    # The same settings add the other split, and store.json lists both runs' splits.
+    info = prepare.prepare(cfg_json, ['validation'], str(out), **first)
+    assert store.read_info(out) == info and sorted(info.splits) == ['train', 'validation']
+    assert info.image_side == 32  # 40-64 px originals shrunk to at most 32
 
 
 @pytest.mark.slow  # a fresh interpreter importing grain and jax: ~10 s on 2 cores

@@ -109,7 +109,7 @@ class Found:
 
     num_classes: int
     label_names: tuple[str, ...]
-    small_images: bool  # CIFAR-sized: the pad-crop / resize recipes by default
+    image_side: int | None  # a typical image's larger side: picks the default recipe
     skipped: int | None = None
 
 
@@ -150,19 +150,20 @@ def find(data_cfg) -> Found:
     name = data_cfg.dataset
     if name == 'prepared':
         found = store.read_info(_store_root(data_cfg))
-        return Found(len(found.classes), found.classes,
-                     found.max_side <= info_lib.SMALL_IMAGE_MAX_SIDE)
+        # Stores written before image_side was recorded: their images are at most max_side.
+        side = found.image_side if found.image_side is not None else found.max_side
+        return Found(len(found.classes), found.classes, side)
     if name == 'image_folder':
         from resnet_flax.data import image_folder
 
         index = image_folder.index(data_cfg)
-        return Found(len(index.classes), index.classes, False, len(index.skipped))
+        return Found(len(index.classes), index.classes, index.image_side, len(index.skipped))
     builder = _tfds_builder(data_cfg)
     image_key, label_key = _tfds_keys(builder)
     shape = builder.info.features[image_key].shape
-    small = None not in shape[:2] and max(shape[:2]) <= info_lib.SMALL_IMAGE_MAX_SIDE
+    side = None if None in shape[:2] else max(shape[:2])
     labels = builder.info.features[label_key]
-    return Found(int(labels.num_classes), tuple(labels.names), small)
+    return Found(int(labels.num_classes), tuple(labels.names), side)
 
 
 def _store_root(data_cfg) -> str:
@@ -200,11 +201,11 @@ def recipe(data_cfg, found: Found) -> Recipe:
     if data_cfg.auto_augment:
         raise ValueError(f'data.auto_augment={data_cfg.auto_augment!r} runs in the tf.data '
                          "pipeline only: set data.loader='tf', or data.auto_augment=''.")
-    small = found.small_images
+    train_crop, eval_crop = info_lib.crops(data_cfg, found.image_side)
     return Recipe(
         decoder=pil_preprocess.resolve_decoder(data_cfg.get('decoder', 'auto')),
-        train_crop=data_cfg.train_crop or ('pad' if small else 'inception'),
-        eval_crop=data_cfg.eval_crop or ('resize' if small else 'center'),
+        train_crop=train_crop,
+        eval_crop=eval_crop,
         image_size=int(data_cfg.image_size),
         eval_image_size=info_lib.eval_image_size(data_cfg),
         area_range=tuple(float(a) for a in data_cfg.inception_area_range),
@@ -231,6 +232,7 @@ def get_info(data_cfg) -> info_lib.DatasetInfo:
         image_shape=(size, size, info_lib.CHANNELS),
         label_names=found.label_names,
         num_skipped_examples=found.skipped,
+        image_side=found.image_side,
     )
 
 
