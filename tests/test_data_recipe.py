@@ -134,3 +134,19 @@ def test_a_run_says_which_recipe_in_one_line(small_folder):
     assert said == ["data recipe: train_crop='pad', eval_crop='resize': the CIFAR recipe for "
                     "images about 28 px (up to 64 px: CIFAR's); set --config.data.train_crop "
                     "/ --config.data.eval_crop to choose"]
+
+
+def test_predicting_without_the_folder_applies_the_rule_to_the_image(small_folder, tmp_path):
+    """Predict reads config.json where the training folder may be absent: a 28 px image is
+    then evaluated whole (CIFAR's eval), as it would have been with the folder there."""
+    pytest.importorskip('tensorflow')
+    from resnet_flax.data import single_image
+
+    path = next((small_folder / 'class0').iterdir())
+    here = single_image.load_eval_image(str(path), folder_config(small_folder))
+    elsewhere = single_image.load_eval_image(str(path), folder_config(tmp_path / 'gone'))
+    np.testing.assert_array_equal(here, elsewhere)
+    with Image.open(path) as image:
+        whole = np.asarray(image.convert('RGB').resize((32, 32), Image.Resampling.BILINEAR),
+                           float)
+    assert np.abs(here - whole).mean() < 2  # tf.image.resize's bilinear against PIL's
