@@ -322,9 +322,11 @@ class LoadTrainBatch:
                 return label
             except pil_preprocess.UNREADABLE as error:
                 _skip_unreadable('train', candidate, error)
+                last = error
         raise ValueError(f'{SUBSTITUTE_TRIES} images in a row from record {index} of the '
-                         'train split do not decode: check the data set (prepare it again, '
-                         'or set data.verify_images=True for an image folder).')
+                         f'train split do not decode (the last: {type(last).__name__}: '
+                         f'{str(last)[:120]}): check the data set (prepare it again, or set '
+                         'data.verify_images=True for an image folder).')
 
     def __call__(self, step: int) -> Batch:
         batch = _batch_arrays(self.plan.local, self.recipe.image_size)
