@@ -131,9 +131,9 @@ def _add_data_source_fields(data: ml_collections.ConfigDict) -> None:
 
 
 def _add_train_augmentation_fields(data: ml_collections.ConfigDict) -> None:
-    # Train augmentation. '' = the data set's recipe: 'inception' for imagenet2012, image
-    # folders and TFDS sets with large images; 'pad' for CIFAR-sized ones (<= 64 px); 'none'
-    # for digits.
+    # Train augmentation. '' = by the images' size, for TFDS sets, image folders and prepared
+    # stores alike (data/info.py crops): 'inception' for large images; 'pad' for CIFAR-sized
+    # ones (typically <= 64 px); 'none' for digits.
     data.train_crop = ''  # '' | 'inception' | 'pad' | 'none'
     data.inception_area_range = (0.08, 1.0)  # Szegedy et al. 2015: crop 8%-100% of the area
     data.inception_aspect_range = (3 / 4, 4 / 3)

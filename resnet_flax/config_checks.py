@@ -5,6 +5,8 @@ Inferred (each announced in one line):
 - `model.num_classes` from the data set's class count, unless a checkpoint in the workdir
   was trained with another head (that run cannot continue as another network);
 - `data.eval_split` when the configured split does not exist and exactly one other split does.
+Announced too: the train and eval crops, which follow the images' size unless set
+(`info.crops`: one rule for TFDS sets, image folders and prepared stores).
 
 Everything else that would fail later (the device split of the batch, a batch larger than the
 train set, a warmup as long as the whole run, ...) is collected and raised as one ValueError,
@@ -141,6 +143,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: epath.PathLike | None = 
     except (ValueError, FileNotFoundError) as error:
         _raise(problems + [str(error).rstrip('.')])
     _infer_num_classes(config, info, workdir, problems, notes)
+    if config.data.dataset not in ('digits', 'synthetic'):  # they have their own recipes
+        notes.append(info_lib.describe_crops(config.data, info.image_side))
     _check_run_length(config, info, problems)
     if problems:
         _raise(problems)
