@@ -109,6 +109,20 @@ def classify(hlo: str) -> dict[str, str]:
     return kinds
 
 
+def op_source(hlo: str, name: str) -> str:
+    """The jax op (and flax module path) a top-level op came from: the first op_name in its
+    line or its fusion's body."""
+    comps, entry = _computations(hlo)
+    line = next((line for line in comps.get(entry, []) if f'%{name} = ' in line), '')
+    called = re.search(r'calls=%([\w.-]+)', line)
+    body = comps.get(called.group(1), []) if called else []
+    for text in [line, *body]:
+        match = re.search(r'op_name="([^"]+)"', text)
+        if match:
+            return match.group(1)[-90:]
+    return ''
+
+
 def _kind_of(opcode: str, body: list[str], call: str) -> str:
     text = '\n'.join(body)
     convs = [line for line in body if ' convolution(' in line]
@@ -139,7 +153,8 @@ def _trace_events(directory: Path) -> list[dict[str, Any]]:
 def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, list]:
     """ms per step of each kind, and the slowest single ops, from a jax.profiler trace."""
     compiled, _ = common.compile_step(setup)
-    kinds = classify(compiled.as_text())
+    hlo = compiled.as_text()
+    kinds = classify(hlo)
     runner = common.TrainRunner(setup)
     runner(max(warmup, 1))
     with tempfile.TemporaryDirectory() as directory:
@@ -154,7 +169,7 @@ def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, lis
         if event.get('ph') == 'X' and name in kinds:
             per_kind[kinds[name]] += event['dur'] / 1e3 / steps
             per_op[name] += event['dur'] / 1e3 / steps
-    top = [dict(op=name, kind=kinds[name], ms_per_step=round(ms, 2))
+    top = [dict(op=name, kind=kinds[name], ms_per_step=round(ms, 2), source=op_source(hlo, name))
            for name, ms in per_op.most_common(FLAGS.top)]
     return dict(per_kind), top
 
@@ -282,7 +297,8 @@ def _table(result: dict[str, Any]) -> str:
         lines += [f"  {k:26s} {v['ms_per_step']:10.1f} ms  {100 * v['share']:5.1f}%"
                   for k, v in result[side].items()]
         lines.append('  slowest ops:')
-        lines += [f"    {t['op']:40s} {t.get('kind', ''):16s} {t['ms_per_step']:9.1f} ms"
+        lines += [f"    {t['op']:32s} {t.get('kind', ''):16s} {t['ms_per_step']:9.1f} ms  "
+                  f"{t.get('source', '')}"
                   for t in result[side + '_top']]
     return '\n'.join(lines)
 

@@ -365,17 +365,21 @@ def start_torch(config: ml_collections.ConfigDict) -> tuple[TorchSetup, float, s
 
 
 def _xla_options(text: str) -> dict[str, Any]:
-    """'a=true,b=3' -> {'a': True, 'b': 3}: the compile options of one extra JAX side."""
-    options = {}
+    """'a=true,b=3,c=X,Y' -> {'a': True, 'b': 3, 'c': 'X,Y'}: the compile options of one extra
+    JAX side (a piece without '=' continues the previous value, for XLA's list options)."""
+    pairs: list[list[str]] = []
     for item in filter(None, text.split(',')):
         name, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'--jax_xla_options item {item!r} is not name=value '
+        if sep:
+            pairs.append([name, value])
+        elif pairs:
+            pairs[-1][1] += ',' + item
+        else:
+            raise ValueError(f'--jax_xla_options={text!r} must start with name=value '
                              '(e.g. xla_cpu_use_onednn=true)')
-        lowered = value.lower()
-        options[name] = (lowered == 'true' if lowered in ('true', 'false')
-                         else int(value) if value.lstrip('-').isdigit() else value)
-    return options
+    parse = lambda v: (v.lower() == 'true' if v.lower() in ('true', 'false')
+                       else int(v) if v.lstrip('-').isdigit() else v)
+    return {name: parse(value) for name, value in pairs}
 
 
 def _jax_variant(config: ml_collections.ConfigDict, text: str) -> dict[str, Any]:
