@@ -21,7 +21,7 @@ The cost is memory: the patches of each kh x kw conv (kh*kw times its input) are
 backward pass (a 1x1 conv keeps at most its input). So `'auto'` takes im2col only for layers whose
 patch tensor is at most `model.conv_im2col_max_mib`, and only on the CPU: on GPUs and TPUs the
 model keeps XLA's convolution (cuDNN, the TPU's MXU), and an explicit `'im2col'` there logs a
-warning. See `models.ResNet.conv_impl` and BENCHMARKS.md, section 12.
+warning. See `models.ResNet.conv_impl` and BENCHMARKS.md (issue 23).
 """
 
 from __future__ import annotations
