@@ -65,10 +65,10 @@ def conv_function(conv_impl: str, im2col_max_mib: float) -> Callable | None:
     backend = jax.default_backend()
     if conv_impl == 'im2col':
         if backend != 'cpu':
-            logging.log_first_n(
-                logging.WARNING, "model.conv_impl='im2col' on %s: convolutions run as GEMMs, "
-                "slower than XLA's and keeping kh*kw x each input; use 'auto' or 'xla' there.",
-                1, backend)
+            # Once per trace of the model (init, train step, eval step), not per step.
+            logging.warning("model.conv_impl='im2col' on %s: convolutions run as GEMMs, slower "
+                            "than XLA's and keeping kh*kw x each input; use 'auto' or 'xla' "
+                            'there.', backend)
         return conv_general_dilated
     if conv_impl == 'auto' and backend == 'cpu':
         return functools.partial(conv_general_dilated, min_channels=AUTO_MIN_CHANNELS,
