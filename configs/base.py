@@ -66,9 +66,14 @@ def _model_section() -> ml_collections.ConfigDict:
     model.head_dropout_rate = 0.0  # dropout on the pooled features, before the head
     # How convolutions are computed: 'xla' (XLA's convolution: cuDNN, the TPU), 'im2col' (image
     # patches times the kernel, one matrix product; much faster on XLA:CPU for wide layers, see
-    # resnet_flax/conv.py), or 'auto': im2col for convs with >= 64 input channels on the CPU
-    # backend, xla elsewhere. The same results to float rounding.
+    # resnet_flax/conv.py), or 'auto': on the CPU backend every 1x1 conv as a matrix product and
+    # im2col for the other convs with >= 64 input channels whose patches fit the budget below;
+    # xla elsewhere. The same results to float rounding.
     model.conv_impl = 'auto'
+    # 'auto' keeps a layer on XLA's conv when its im2col patches (batch x output pixels x
+    # kh*kw*C_in, kept for the backward pass: kh*kw times the layer's input) exceed this many
+    # MiB, so the extra memory is at most this much per kh x kw conv. 'im2col' ignores it.
+    model.conv_im2col_max_mib = 64.0
     return model
 
 
