@@ -38,7 +38,7 @@ BOOKKEEPING_FIELDS = frozenset({
     'data.data_dir', 'data.download', 'data.cache', 'data.num_parallel_calls',
     'data.threadpool_size', 'data.prefetch_batches', 'data.ram_budget_gb',
     'data.processes_per_host', 'data.num_workers', 'data.shuffle_buffer_size',
-    'data.verify_images', 'log_block_grad_norms',
+    'data.verify_images', 'log_block_grad_norms', 'checkpoint_fallback',
 })
 # Model fields that only matter when weights are first made: a resume may change them
 # (with allow_config_change, like the seed).

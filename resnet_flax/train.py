@@ -292,8 +292,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 
 def _restore_or_init(config, parts: StepParts, manager, info):
-    """The newest checkpoint if there is one, else fresh (or fine-tuning) weights."""
-    state = checkpoint.restore_latest(manager, parts.target, model_config=config.model)
+    """The newest checkpoint that restores, else fresh (or fine-tuning) weights. A workdir
+    whose checkpoints all fail to restore stops the run (checkpoint.CheckpointRestoreError)
+    unless config.checkpoint_fallback='scratch' says to move them aside and start over."""
+    state = checkpoint.restore_latest(manager, parts.target, model_config=config.model,
+                                      fallback=config.get('checkpoint_fallback', 'one'))
     if state is None:
         state = create_train_state(parts.model, parts.optimizer, jax.random.PRNGKey(config.seed),
                                    info.image_shape, parts.use_ema, parts.mesh)
