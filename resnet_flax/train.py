@@ -295,8 +295,12 @@ def _restore_or_init(config, parts: StepParts, manager, info):
     """The newest checkpoint that restores, else fresh (or fine-tuning) weights. A workdir
     whose checkpoints all fail to restore stops the run (checkpoint.CheckpointRestoreError)
     unless config.checkpoint_fallback='scratch' says to move them aside and start over."""
-    state = checkpoint.restore_latest(manager, parts.target, model_config=config.model,
-                                      fallback=config.get('checkpoint_fallback', 'one'))
+    try:
+        state = checkpoint.restore_latest(manager, parts.target, model_config=config.model,
+                                          fallback=config.get('checkpoint_fallback', 'one'))
+    except BaseException:
+        manager.close()  # else its threads print tracebacks at exit, under the one-line error
+        raise
     if state is None:
         state = create_train_state(parts.model, parts.optimizer, jax.random.PRNGKey(config.seed),
                                    info.image_shape, parts.use_ema, parts.mesh)

@@ -435,6 +435,38 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_newest_good_one_resume
                                      'cases': damaged})
 
 
+def test_a_workdir_whose_checkpoints_all_fail_stops_and_starts_over_only_when_asked(
+        tmp_path, reference):
+    """Every step unreadable the same way (its state's manifest gone, as a changed orbax
+    layout or a wrong mount would show it): train.py stops in one line naming the steps and
+    the flag, moving nothing; with --config.checkpoint_fallback=scratch it moves them all
+    aside, trains from step 0 and ends where the reference ends."""
+    workdir = tmp_path / 'run'
+    shutil.copytree(reference.wait(), workdir)
+    steps = _committed_steps(workdir)
+    for step in steps:
+        (workdir / 'checkpoints' / str(step) / 'state' / 'manifest.ocdbt').unlink()
+    before = _files(workdir / 'checkpoints')
+    stopped = Run(workdir, tmp_path, 'stopped')
+    assert stopped.finish() == 1, stopped.stderr[-3000:]
+    line = stopped.last_line()
+    assert line.startswith('Error: No checkpoint in ') and 'nothing was moved' in line, line
+    assert f"steps {', '.join(str(s) for s in reversed(steps))} all fail the same way" in line
+    assert '--config.checkpoint_fallback=scratch' in line
+    assert 'Traceback' not in stopped.stderr and not stopped.train_steps()
+    assert _files(workdir / 'checkpoints') == before
+    assert not (workdir / checkpoint.QUARANTINE_DIR).exists()
+
+    fresh = Run(workdir, tmp_path, 'scratch', checkpoint_fallback='scratch')
+    assert fresh.finish() == 0, fresh.stderr[-3000:]
+    moved = sorted(int(p.name.split('-')[0])
+                   for p in (workdir / checkpoint.QUARANTINE_DIR).iterdir())
+    assert moved == steps and fresh.stdout.count('training from step 0') == len(steps)
+    assert fresh.train_steps() == list(range(1, TOTAL_STEPS + 1))
+    figures = _assert_matches_reference(workdir, reference)
+    _report(tmp_path, 'all_unreadable', {'steps': steps, 'stop_line': line[:200], **figures})
+
+
 # ---- (4) A NaN loss: a clear stop, the previous checkpoint intact.
 
 def test_nan_loss_stops_with_one_line_and_the_last_checkpoint_resumes_exactly(
