@@ -30,6 +30,7 @@ from resnet_flax import (
     input_wait,
     models,
     optim,
+    peer_watch,
     precision,
     run_config,
     sharding,
@@ -213,7 +214,7 @@ def _workdir_locked(workdir: epath.Path):
     if refused is not None:
         raise refused
     try:
-        yield
+        yield lock
     except BaseException:
         with contextlib.suppress(OSError):  # storage still down: the error that stopped the
             lock.release()  # run is the one to report; a dead run's lock is taken over
@@ -245,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for note in notes:
             print(note, file=sys.stderr, flush=True)
     _make_workdir(workdir)
-    with _workdir_locked(workdir):
+    # With several processes, the death of one stops the others within seconds, in one line.
+    with _workdir_locked(workdir) as lock, peer_watch.watching(before_exit=lock.release):
         return _train_and_evaluate(config, workdir, info)
 
 

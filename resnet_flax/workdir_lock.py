@@ -293,7 +293,10 @@ class WorkdirLock:
             self._previous_handler = signal.signal(LOST_SIGNAL, self._on_signal)
 
     def _stop_watching(self) -> None:
-        if self._previous_handler is not None:
+        # Only the main thread may set handlers; a release from another thread (a process
+        # about to exit) leaves ours, which raises nothing once the lock is not held.
+        if (self._previous_handler is not None
+                and threading.current_thread() is threading.main_thread()):
             signal.signal(LOST_SIGNAL, self._previous_handler)
             self._previous_handler = None
 

@@ -306,6 +306,33 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(
           f'{step} in {seconds:.1f} s', flush=True)
 
 
+@pytest.mark.slow
+def test_when_one_process_dies_the_other_stops_within_seconds_in_one_line(tmp_path, xla_cache):
+    """SIGKILL to process 1 mid-training (a crashed host): process 0 used to wait about 100 s
+    for it (JAX's shutdown barrier, then an abort with a page of C++ log). Now it stops
+    within seconds, exit 1, its last line naming the dead process."""
+    from resnet_flax import peer_watch
+
+    workdir = tmp_path / 'run'
+    with _Pod(PREEMPT_FLAGS, workdir, xla_cache) as pod:
+        _wait_until_training(pod, workdir)
+        killed = time.monotonic()
+        pod.procs[1].kill()
+        try:
+            code = pod.procs[0].wait(timeout=STOP_DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail('process 0 still running:\n' + pod.outputs()[0][-3000:])
+        seconds = time.monotonic() - killed
+        output = pod.outputs()[0]
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1, output[-3000:]
+    assert lines[-1].startswith('Error: process 1 of 2 stopped responding'), output[-3000:]
+    assert 'Fatal Python error' not in output and 'Traceback' not in output
+    assert seconds < peer_watch.DEAD_AFTER_SECONDS + 10, seconds
+    assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released on the way out
+    print(f'\nPOD process 1 killed: process 0 stopped in {seconds:.1f} s', flush=True)
+
+
 def _two_saved_steps(tmp_path):
     """A manager holding steps 1 and 2 of {'w': arange(64) * step}, and their restore target."""
     manager = checkpoint.create_manager(tmp_path / 'checkpoints', keep_best=False)
