@@ -493,10 +493,11 @@ def _newest_below(manager: ocp.CheckpointManager, below: int | None) -> int | No
 
 
 def _read_agreed(manager, step: int, target: PyTree,
-                 model_config: Any) -> tuple[PyTree | None, int, str]:
+                 model_config: Any) -> tuple[PyTree | None, int, str, list[int]]:
     """Every process reads `step`; storage errors anywhere are retried by all, with back-off.
 
-    Returns (state, verdict, this process's reason), the verdict the same on every process:
+    Returns (state, verdict, this process's reason, the processes whose read failed), the
+    verdict the same on every process:
     _READ; _DAMAGED on evidence of damage (a checksum mismatch on any process, or a file
     missing on every process on two reads in a row while the storage answers); _FAILED for
     anything else (software, or other library versions). A storage error, or a file that
@@ -506,18 +507,19 @@ def _read_agreed(manager, step: int, target: PyTree,
     for attempt in range(1, READ_ATTEMPTS + 1):
         state, outcome, reason = _read(manager, step, target, model_config)
         outcomes = _all_processes(outcome)
+        failed = _processes_with(outcomes, _READ, False)
         for verdict in (_DAMAGED, _FAILED):
             if verdict in outcomes:
-                return state, verdict, reason
-        if all(o == _READ for o in outcomes):
-            return state, _READ, reason
+                return state, verdict, reason, failed
+        if not failed:
+            return state, _READ, reason, failed
         missing_everywhere = all(o == _MISSING for o in outcomes)
         if missing_everywhere and missing_before:
-            return None, _DAMAGED, reason
+            return None, _DAMAGED, reason, failed
         missing_before = missing_everywhere
         if attempt < READ_ATTEMPTS:
             logging.warning('Reading checkpoint step %d failed on process(es) %s (%s); %s in '
-                            '%.0f s.', step, _processes_with(outcomes, _READ, False),
+                            '%.0f s.', step, failed,
                             reason or 'see that process',
                             'reading it again to be sure' if missing_before else 'retrying', wait)
             time.sleep(wait)
@@ -567,9 +569,13 @@ class _Unread:
     step: int
     verdict: int  # _DAMAGED (evidence of damage) or _FAILED
     reason: str
+    processes: list[int]  # whose read failed
+
+    def where(self) -> str:
+        return '' if jax.process_count() == 1 else f' on process(es) {self.processes}'
 
     def describe(self) -> str:
-        return f'step {self.step}: {self.why()}'
+        return f'step {self.step}{self.where()}: {self.why()}'
 
     def why(self) -> str:
         return self.reason[:160].rstrip('.') or 'see the other processes'
@@ -593,10 +599,10 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
     unread: list[_Unread] = []
     state, step = None, _newest_below(manager, None)
     while step is not None:
-        state, verdict, reason = _read_agreed(manager, step, target, model_config)
+        state, verdict, reason, failed = _read_agreed(manager, step, target, model_config)
         if verdict == _READ:
             break
-        unread.append(_Unread(step, verdict, reason))
+        unread.append(_Unread(step, verdict, reason, failed))
         state, step = None, _newest_below(manager, step)
     if unread:
         _settle_unreadable(manager, unread, step, fallback)
@@ -622,8 +628,8 @@ def _settle_unreadable(manager: ocp.CheckpointManager, unread: list[_Unread],
         logging.warning('Checkpoint step %d moved to %s: %s.', entry.step, moved,
                         entry.describe())
         if jax.process_index() == 0:
-            print(f'Checkpoint at step {entry.step} is unreadable; moved it to {moved} and '
-                  f'{where}: {entry.describe()}.', flush=True)
+            print(f'Checkpoint at step {entry.step} is unreadable{entry.where()}; moved it to '
+                  f'{moved} and {where}: {entry.describe()}.', flush=True)
 
 
 def _stop_message(manager: ocp.CheckpointManager, unread: list[_Unread],
