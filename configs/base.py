@@ -279,6 +279,13 @@ def _add_safety_and_diagnostic_fields(config: ml_collections.ConfigDict) -> None
     # other training changes (schedule, optimizer, data...) need this set to True for that
     # resume (the earlier config is kept as config.until-step-N.json). resnet_flax/run_config.py
     config.allow_config_change = False
+    # When checkpoints of the workdir do not restore (RELIABILITY.md): 'one' moves aside only
+    # the newest step, only on evidence of damage (a checksum mismatch, or files missing on
+    # every process), and resumes from the step before; anything else stops the run in one
+    # line with nothing moved. 'all' moves aside every step newer than the newest that
+    # restores; 'scratch' also, when none restores, moves them all aside and trains from step 0.
+    # Checkpoints are moved to <workdir>/checkpoints_unreadable/, never deleted.
+    config.checkpoint_fallback = 'one'
     # Diagnostic: also log the gradient norm of each top-level module (stem, every block, head)
     # as train metrics 'grad_norm/stage1_block1', ...; computed in the jitted step, averaged over
     # the logging window like the loss. Cheap enough for small runs (one norm per block).

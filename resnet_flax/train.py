@@ -30,6 +30,7 @@ from resnet_flax import (
     input_wait,
     models,
     optim,
+    peer_watch,
     precision,
     run_config,
     sharding,
@@ -213,7 +214,7 @@ def _workdir_locked(workdir: epath.Path):
     if refused is not None:
         raise refused
     try:
-        yield
+        yield lock
     except BaseException:
         with contextlib.suppress(OSError):  # storage still down: the error that stopped the
             lock.release()  # run is the one to report; a dead run's lock is taken over
@@ -245,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for note in notes:
             print(note, file=sys.stderr, flush=True)
     _make_workdir(workdir)
-    with _workdir_locked(workdir):
+    # With several processes, the death of one stops the others within seconds, in one line.
+    with _workdir_locked(workdir) as lock, peer_watch.watching(before_exit=lock.release):
         return _train_and_evaluate(config, workdir, info)
 
 
@@ -292,8 +294,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 
 def _restore_or_init(config, parts: StepParts, manager, info):
-    """The newest checkpoint if there is one, else fresh (or fine-tuning) weights."""
-    state = checkpoint.restore_latest(manager, parts.target, model_config=config.model)
+    """The newest checkpoint that restores, else fresh (or fine-tuning) weights. A workdir
+    whose checkpoints all fail to restore stops the run (checkpoint.CheckpointRestoreError)
+    unless config.checkpoint_fallback='scratch' says to move them aside and start over."""
+    try:
+        state = checkpoint.restore_latest(manager, parts.target, model_config=config.model,
+                                          fallback=config.get('checkpoint_fallback', 'one'))
+    except BaseException:
+        manager.close()  # else its threads print tracebacks at exit, under the one-line error
+        raise
     if state is None:
         state = create_train_state(parts.model, parts.optimizer, jax.random.PRNGKey(config.seed),
                                    info.image_shape, parts.use_ema, parts.mesh)
