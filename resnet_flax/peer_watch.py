@@ -10,6 +10,9 @@ naming it and exits 1 at once; the checkpoints committed before are intact, and 
 command on every host resumes. A process that ends, normally or with an error of its own,
 says so first, so that ending is never taken for dying; the coordination service itself going
 away (it lives in process 0) counts as process 0 dying, unless process 0 had said it ended.
+A process that stopped on an error of its own (a storage outage that only it saw, ...) leaves
+the others waiting for it in the next collective just the same: they too stop in one line
+`DEAD_AFTER_SECONDS` later, unless they are stopping on an error of their own.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class PeerWatch:
         self.client, self.index, self.count = client, process_index, process_count
         self.before_exit = before_exit
         self._stop = threading.Event()
+        self.failing = threading.Event()  # this process is stopping on its own error
         self._beats = 0
         started = time.monotonic()
         self._seen = {i: ('', started) for i in range(process_count)}  # value, when it changed
@@ -68,6 +72,14 @@ class PeerWatch:
             ended = all(value in _ENDED for i, (value, _) in self._seen.items() if i != self.index)
         return ended or bool(self.dead())
 
+    def stopped(self) -> list[int]:
+        """The processes that stopped on an error DEAD_AFTER_SECONDS ago or more."""
+        now = time.monotonic()
+        with self._lock:
+            return [i for i, (value, since) in self._seen.items()
+                    if i != self.index and value == 'stopped'
+                    and now - since >= DEAD_AFTER_SECONDS]
+
     def _run(self) -> None:
         while not self._stop.wait(BEAT_SECONDS):
             self._beats += 1
@@ -77,7 +89,7 @@ class PeerWatch:
                 values = {int(key.rsplit('/', 1)[1]): value
                           for key, value in self.client.key_value_dir_get(_KEY)}
             except Exception:  # noqa: BLE001 - the coordination service (process 0) is gone
-                if self._seen[0][0] in _ENDED:
+                if self._seen[0][0] == 'done':
                     continue
                 # Only process 0 is known to be gone; the others count as beating meanwhile.
                 values = {i: f'{value}+' for i, (value, _) in self._seen.items() if i != 0}
@@ -86,18 +98,24 @@ class PeerWatch:
                 for i, value in values.items():
                     if i in self._seen and value != self._seen[i][0]:
                         self._seen[i] = (value, now)
+            if self._stop.is_set():
+                return
             dead = self.dead()
-            if dead and not self._stop.is_set():
+            if dead:
                 self.exit_for(dead)
+            stopped = self.stopped()
+            if stopped and not self.failing.is_set():
+                self.exit_for(stopped, died=False)
 
-    def exit_for(self, dead: list[int]) -> None:
+    def exit_for(self, dead: list[int], died: bool = True) -> None:
         """The one line, then exit 1 now: waiting for the dead would take minutes."""
         names = ', '.join(map(str, dead))
-        print(f'Error: process {names} of {self.count} stopped responding (it died, was killed '
-              f'or lost its host) over {DEAD_AFTER_SECONDS:.0f} s ago, so process {self.index} '
-              'stopped too; the checkpoints committed before are intact. Find out why in that '
-              "process's log, then run the same command on every host to resume.",
-              file=sys.stderr, flush=True)
+        what = ('stopped responding (it died, was killed or lost its host)' if died else
+                'stopped on an error')
+        print(f'Error: process {names} of {self.count} {what} over {DEAD_AFTER_SECONDS:.0f} s '
+              f'ago, so process {self.index} stopped too; the checkpoints committed before are '
+              "intact. Find out why in that process's log, then run the same command on every "
+              'host to resume.', file=sys.stderr, flush=True)
         if self.before_exit is not None:
             with contextlib.suppress(Exception):
                 self.before_exit()
@@ -124,6 +142,7 @@ def watching(before_exit: Callable[[], None] | None = None):
     try:
         yield
     except BaseException:
+        watch.failing.set()
         deadline = time.monotonic() + DEAD_AFTER_SECONDS + 2 * BEAT_SECONDS
         while not watch.ended_or_dead() and time.monotonic() < deadline:
             time.sleep(BEAT_SECONDS / 4)
