@@ -301,3 +301,26 @@ def test_pytest_says_how_many_parity_tests_skipped_without_torch(tmp_path):
     assert result.returncode in (0, 5), result.stdout[-3000:]  # 5: every test skipped
     assert ('PyTorch parity checks not run: 1 test file(s) (tests/test_convert.py) skipped '
             'because torch is not installed') in result.stdout
+
+
+def test_an_empty_class_folder_is_named_not_counted_as_a_class(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from configs import base
+    from resnet_flax import data
+
+    for name in ('cat', 'dog', 'empty'):
+        (tmp_path / name).mkdir()
+    for name in ('cat', 'dog'):
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / f'{i}.png')
+    config = base.get_config().data
+    config.update(dict(dataset='image_folder', data_dir=str(tmp_path), holdout_fraction=0.5,
+                       image_size=8))
+    with pytest.raises(ValueError, match=r"class folder\(s\) with no readable image: \['empty'\]"
+                       ) as error:
+        data.get_info(config)
+    assert '\n' not in str(error.value)
+    (tmp_path / 'empty').rmdir()
+    assert data.get_info(config).num_classes == 2
