@@ -361,7 +361,8 @@ def sweep_findings(key: str, sweep: dict[str, Any]) -> str:
                      f'on its own mean): bottleneck {diff:+.2f} points (standard error {se:.2f}, '
                      f'Welch p = {p:.3f}). Seed std: ' + ', '.join(
                          f'{name} {sd:.2f}' for name, sd in spread.items()) + '.')
-    return '\n'.join(lines)
+    return '\n'.join(textwrap.fill(line, 96, subsequent_indent='  ', break_on_hyphens=False)
+                     for line in lines)
 
 
 def sweep_block(key: str, sweep: dict[str, Any]) -> str:
@@ -379,6 +380,14 @@ def _wrap(text: str, width: int = 96, indent: str = '') -> str:
 
 
 def plot_accuracy(sweep: dict[str, Any], cost: str, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(sweep, cost, title)
+    fig.savefig(path, dpi=100, metadata={'Software': None})
+    plt.close(fig)
+
+
+def accuracy_figure(sweep: dict[str, Any], cost: str, title: str):
     """Top-1 (mean, bars: std over seeds) against params or MACs. Points carry no text labels
     (neighbours at equal cost overprinted them): each variant has its own marker in a legend."""
     import matplotlib
@@ -401,8 +410,7 @@ def plot_accuracy(sweep: dict[str, Any], cost: str, path: Path, title: str) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='best')
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={'Software': None})
-    plt.close(fig)
+    return fig
 
 
 def draw(figures: dict[str, Any]) -> None:

@@ -92,3 +92,23 @@ def test_a_shortcut_sweep_run_gives_its_documented_accuracy_bit_for_bit(tmp_path
         f"shortcut=A seed 0 now gives top-1 {final['top1']!r}, loss {final['loss']!r}; "
         f"docs/figures.json says {stored['top1']!r}, {stored['loss']!r}{_same_cpu(sweep)}; "
         f'{RE_MEASURE}')
+
+
+def test_accuracy_plots_have_no_overlapping_text():
+    # Two variants at the same cost (the block-type sweep's budgets) once had their point
+    # labels printed over each other.
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    builder = load_builder()
+    for key, sweep in FIGURES['sweeps'].items():
+        fig = builder.accuracy_figure(sweep, 'macs', key)
+        fig.canvas.draw()  # lays the text out as the saved PNG has it
+        renderer = fig.canvas.get_renderer()
+        boxes = [t.get_window_extent(renderer) for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip()]
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        plt.close(fig)
+        assert [name.split(' (')[0] for name in legend] == sweep['variants']
+        overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+        assert not overlaps, f'{key}: {len(overlaps)} pairs of overlapping text'
