@@ -33,6 +33,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,9 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
 
     diff = statistics.mean(a) - statistics.mean(b)
     se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if se > 0 else 1.0
+    with warnings.catch_warnings():  # a variant whose seeds agree exactly: still a valid test
+        warnings.simplefilter('ignore', RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if se > 0 else 1.0
     return diff, se, p
 
 
