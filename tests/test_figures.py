@@ -98,16 +98,20 @@ def test_accuracy_plots_have_no_overlapping_text():
     # Two variants at the same cost (the block-type sweep's budgets) once had their point
     # labels printed over each other.
     import matplotlib.pyplot as plt
-    from matplotlib.text import Text
 
     builder = load_builder()
     for key, sweep in FIGURES['sweeps'].items():
         fig = builder.accuracy_figure(sweep, 'macs', key)
         fig.canvas.draw()  # lays the text out as the saved PNG has it
         renderer = fig.canvas.get_renderer()
-        boxes = [t.get_window_extent(renderer) for t in fig.findobj(Text)
-                 if t.get_visible() and t.get_text().strip()]
-        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        ax = fig.axes[0]
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        ticks = ([t for t in ax.get_xticklabels() if x0 <= t.get_position()[0] <= x1] +
+                 [t for t in ax.get_yticklabels() if y0 <= t.get_position()[1] <= y1])  # drawn
+        texts = [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.get_legend().get_texts(),
+                 *ticks, *ax.texts]  # ax.texts: any label placed at a point
+        boxes = [t.get_window_extent(renderer) for t in texts if t.get_text().strip()]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
         plt.close(fig)
         assert [name.split(' (')[0] for name in legend] == sweep['variants']
         overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
