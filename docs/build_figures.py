@@ -233,7 +233,8 @@ def _jax(record: dict[str, Any]) -> str:
 def _load(record: dict[str, Any]) -> str:
     start, end = record['machine']['load_average_start'][0], record['machine'][
         'load_average_end'][0]
-    return f'load average {min(start, end):.0f} to {max(start, end):.0f}'
+    low, high = f'{min(start, end):.0f}', f'{max(start, end):.0f}'
+    return f'load average {low}' if low == high else f'load average {low} to {high}'
 
 
 def _time(seconds: float) -> str:
