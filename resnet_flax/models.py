@@ -363,9 +363,25 @@ def create(name: str, num_classes: int | None = None, **overrides: Any) -> ResNe
     return ResNet(**resolve(config_for(name, num_classes, **overrides)))
 
 
+def plain_zero_init_note(model_cfg: Mapping[str, Any]) -> str | None:
+    """The one line saying that a config's zero_init_last_bn is dropped for a plain net, or None.
+
+    A recipe (configs/imagenet.py) turns zero-init on for its residual nets; overriding only
+    `model.shortcut=none` for the plain-vs-residual ablation must not need a second override."""
+    if model_cfg.get('shortcut') == 'none' and model_cfg.get('zero_init_last_bn'):
+        return ("model.shortcut='none' builds a plain net, where zero_init_last_bn has nothing to "
+                'act on (no identity path to start as): its blocks start with BN scale 1')
+    return None
+
+
 def from_config(model_cfg: Mapping[str, Any]) -> ResNet:
-    """The model described by a config's `model` section (an ml_collections.ConfigDict)."""
+    """The model described by a config's `model` section (an ml_collections.ConfigDict).
+
+    A plain net (`shortcut='none'`) ignores the section's `zero_init_last_bn`
+    (`plain_zero_init_note` says why); `create` with both set is still an error."""
     fields = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+    if plain_zero_init_note(fields):
+        fields['zero_init_last_bn'] = False
     return ResNet(**resolve(fields))
 
 

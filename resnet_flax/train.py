@@ -415,7 +415,7 @@ def _report_complete(run: _Run) -> dict[str, Any]:
                        f'{run.schedule.total_steps}. To train longer, raise num_epochs or '
                        'num_train_steps with --config.allow_config_change=True.')
     run.progress.write('Final ' + _format_eval(run.step, run.eval_metrics))
-    return _final_summary(run)
+    return _final_summary(run, trained=False)
 
 
 def _loop(run: _Run) -> bool:
@@ -514,12 +514,15 @@ def _close(run: _Run) -> None:
         run.profiler.close()
 
 
-def _final_summary(run: _Run) -> dict[str, Any]:
+def _final_summary(run: _Run, trained: bool = True) -> dict[str, Any]:
+    """The run's final numbers; the wall time only of a run that trained now (a finished run
+    re-run has none: its training time is not recorded)."""
     summary = {
         'step': run.step,
         **{f'eval_{k}': v for k, v in run.eval_metrics.items()},
         'train_loss': run.train_summary.get('loss'),
-        'wall_time_sec': time.time() - run.run_start,
+        **({'wall_time_sec': time.time() - run.run_start} if trained else
+           {'already_complete': True}),
     }
     if jax.process_index() == 0:
         print('Done: ' + ', '.join(f'{k}={_short(v)}' for k, v in summary.items()), flush=True)

@@ -138,6 +138,9 @@ def _index(root: str, train_split: str, eval_split: str, holdout_fraction: float
             f'at least {MIN_CLASSES} (ROOT/CLASS/*.jpg or ROOT/{train_split}/CLASS/*.jpg).'
         )
     train, skipped, sides = _read_folder(pool_dir, classes, verify, threads)
+    if empty := [c for i, c in enumerate(classes) if not np.any(train.labels == i)]:
+        raise ValueError(f'{pool_dir} has class folder(s) with no readable image: {empty}; each '
+                         'class folder is a class of the model, so add images or remove them.')
     eval_dir = root_path / eval_split
     splits = {}
     if split_layout and eval_dir.is_dir() and holdout_fraction == 0:
