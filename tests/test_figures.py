@@ -42,6 +42,23 @@ def _same_cpu(record: dict) -> str:
     return '' if here == there else f' (measured on a {there}, this is a {here})'
 
 
+# XLA compiles for the CPU it runs on (AVX2, AVX-512, ...), so float32 bits are a property of
+# the CPU model as well as of the code: on the model that measured a figure it must come back
+# bit for bit; on another, within one test image (1/360 of top-1) and 2% of the loss, which a
+# change to the trainer's recipe would still exceed.
+OTHER_CPU_TOP1 = 1.5 / 360
+OTHER_CPU_LOSS = 0.02
+
+
+def _reproduces(got: tuple[float, ...], stored: tuple[float, ...], record: dict) -> bool:
+    if not _same_cpu(record):
+        return got == stored
+    top1_got, loss_got = got[0], got[-1]
+    top1_stored, loss_stored = stored[0], stored[-1]
+    return (abs(top1_got - top1_stored) <= OTHER_CPU_TOP1
+            and abs(loss_got - loss_stored) <= OTHER_CPU_LOSS * loss_stored)
+
+
 def test_docs_quote_the_stored_figures():
     builder = load_builder()
     assert builder.stale(FIGURES) == [], 'run `python docs/build_figures.py` and commit the docs'
@@ -70,10 +87,12 @@ def test_quick_start_gives_the_documented_accuracy_bit_for_bit(tmp_path):
     run_script('train.py', ['--config=configs/digits.py', f'--workdir={tmp_path / "run"}'],
                env=cpu_env(), timeout=1500)
     final = _final_eval(tmp_path / 'run')
-    got = (final['step'], final['top1'], final['ema_top1'])
-    assert got == (quick['step'], quick['top1'], quick['ema_top1']), (
-        f'the quick start now ends at step {got[0]} with top-1 {got[1]!r}, EMA {got[2]!r}; '
-        f"docs/figures.json says {quick['top1']!r}, EMA {quick['ema_top1']!r}"
+    assert final['step'] == quick['step']
+    got = (final['top1'], final['ema_top1'], final['loss'])
+    assert _reproduces(got, (quick['top1'], quick['ema_top1'], quick['loss']), quick), (
+        f'the quick start now ends with top-1 {got[0]!r}, EMA {got[1]!r}, loss {got[2]!r}; '
+        f"docs/figures.json says {quick['top1']!r}, EMA {quick['ema_top1']!r}, "
+        f"loss {quick['loss']!r}"
         f'{_same_cpu(quick)}; {RE_MEASURE}')
 
 
@@ -88,7 +107,8 @@ def test_a_shortcut_sweep_run_gives_its_documented_accuracy_bit_for_bit(tmp_path
         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=1500)
     assert 'All runs finished' in result.stdout, result.stderr[-3000:]
     final = _final_eval(tmp_path / 'shortcut=A' / 'seed0')
-    assert (final['top1'], final['loss']) == (stored['top1'], stored['loss']), (
+    got = (final['top1'], final['loss'])
+    assert _reproduces(got, (stored['top1'], stored['loss']), sweep), (
         f"shortcut=A seed 0 now gives top-1 {final['top1']!r}, loss {final['loss']!r}; "
         f"docs/figures.json says {stored['top1']!r}, {stored['loss']!r}{_same_cpu(sweep)}; "
         f'{RE_MEASURE}')
