@@ -20,6 +20,10 @@ With `--with_torch`, the same network's PyTorch step (`bench.torch_baseline`) ru
 `torch.profiler`, its ATen ops grouped the same way where PyTorch separates them (one
 `convolution_backward` gives both gradients there). Per-op times include what other processes
 take from a shared CPU, so read the shares, not the absolute milliseconds.
+
+With `--convs`, nothing is timed: it lists each convolution of the model at the config's batch
+and image size, whether `model.conv_impl` runs it as a GEMM or as XLA's convolution, and the
+bytes of its im2col patches (what a kh x kw GEMM conv keeps for the backward pass).
 """
 
 from __future__ import annotations
@@ -29,19 +33,24 @@ import gzip
 import json
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
 from bench import common
-from resnet_flax import cli
+from resnet_flax import cli, models
+from resnet_flax import conv as conv_lib
 
 FLAGS = common.FLAGS
 flags.DEFINE_bool('with_torch', False, "Also profile PyTorch's step on the same network.")
 flags.DEFINE_integer('top', 12, 'How many of the slowest single ops to list.')
+flags.DEFINE_bool('convs', False, 'Only list the convs: the path model.conv_impl gives each '
+                  'one (GEMM or XLA conv) and its im2col patch MiB.')
 
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) (\w[\w-]*)\((.*)$')
@@ -100,6 +109,20 @@ def classify(hlo: str) -> dict[str, str]:
     return kinds
 
 
+def op_source(hlo: str, name: str) -> str:
+    """The jax op (and flax module path) a top-level op came from: the first op_name in its
+    line or its fusion's body."""
+    comps, entry = _computations(hlo)
+    line = next((line for line in comps.get(entry, []) if f'%{name} = ' in line), '')
+    called = re.search(r'calls=%([\w.-]+)', line)
+    body = comps.get(called.group(1), []) if called else []
+    for text in [line, *body]:
+        match = re.search(r'op_name="([^"]+)"', text)
+        if match:
+            return match.group(1)[-90:]
+    return ''
+
+
 def _kind_of(opcode: str, body: list[str], call: str) -> str:
     text = '\n'.join(body)
     convs = [line for line in body if ' convolution(' in line]
@@ -130,7 +153,8 @@ def _trace_events(directory: Path) -> list[dict[str, Any]]:
 def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, list]:
     """ms per step of each kind, and the slowest single ops, from a jax.profiler trace."""
     compiled, _ = common.compile_step(setup)
-    kinds = classify(compiled.as_text())
+    hlo = compiled.as_text()
+    kinds = classify(hlo)
     runner = common.TrainRunner(setup)
     runner(max(warmup, 1))
     with tempfile.TemporaryDirectory() as directory:
@@ -145,7 +169,7 @@ def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, lis
         if event.get('ph') == 'X' and name in kinds:
             per_kind[kinds[name]] += event['dur'] / 1e3 / steps
             per_op[name] += event['dur'] / 1e3 / steps
-    top = [dict(op=name, kind=kinds[name], ms_per_step=round(ms, 2))
+    top = [dict(op=name, kind=kinds[name], ms_per_step=round(ms, 2), source=op_source(hlo, name))
            for name, ms in per_op.most_common(FLAGS.top)]
     return dict(per_kind), top
 
@@ -186,6 +210,52 @@ def profile_torch(config: ml_collections.ConfigDict, steps: int, warmup: int) ->
     return dict(per_kind), top
 
 
+def _conv_eqns(jaxpr: Any) -> Iterator[Any]:
+    """The conv_general_dilated equations of a jaxpr, nested ones included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'conv_general_dilated':
+            yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, 'jaxpr', value)
+            if hasattr(inner, 'eqns'):
+                yield from _conv_eqns(inner)
+
+
+def conv_paths(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Each conv of the model's forward pass (read from its jaxpr with XLA's convs), the path
+    `model.conv_impl` gives it on this backend, and its im2col patch MiB."""
+    model = models.from_config(config.model)
+    size, batch = int(config.data.image_size), int(config.batch_size)
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), model.dtype)
+    xla = model.clone(conv_impl='xla')
+    variables = jax.eval_shape(lambda x: xla.init(jax.random.key(0), x, train=False), images)
+    jaxpr = jax.make_jaxpr(lambda v, x: xla.apply(v, x, train=False))(variables, images)
+    chosen = conv_lib.conv_function(model.conv_impl, model.conv_im2col_max_mib)
+    rows = []
+    for eqn in _conv_eqns(jaxpr.jaxpr):
+        lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+        p = eqn.params
+        args = (p['window_strides'], p['padding'], p['lhs_dilation'], p['rhs_dilation'],
+                p['dimension_numbers'], p['feature_group_count'], p['batch_group_count'])
+        gemm = chosen is not None and not any(_conv_eqns(
+            jax.make_jaxpr(lambda a, b, args=args: chosen(a, b, *args))(lhs, rhs).jaxpr))
+        patches = conv_lib.patch_bytes(lhs.shape, rhs.shape, p['window_strides'], p['padding'],
+                                       jnp.dtype(lhs.dtype).itemsize)
+        rows.append(dict(input=lhs.shape, kernel=rhs.shape, stride=p['window_strides'][0],
+                         path='GEMM' if gemm else 'XLA conv', patch_mib=round(patches / 2**20, 2)))
+    return rows
+
+
+def _conv_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> str:
+    gemm = [r for r in rows if r['path'] == 'GEMM']
+    kept = sum(r['patch_mib'] for r in gemm if r['kernel'][:2] != (1, 1))
+    head = (f"conv_impl={config.model.conv_impl!r}, conv_im2col_max_mib="
+            f"{config.model.conv_im2col_max_mib}, backend {jax.default_backend()}: "
+            f"{len(gemm)} of {len(rows)} convs as GEMMs; kh x kw patches kept: {kept:,.1f} MiB")
+    return head + '\n' + common.format_table(rows, ('input', 'kernel', 'stride', 'path',
+                                                     'patch_mib'))
+
+
 def _shares(per_kind: dict[str, float]) -> dict[str, dict[str, float]]:
     total = sum(per_kind.values()) or 1.0
     return {k: dict(ms_per_step=round(v, 2), share=round(v / total, 3))
@@ -196,6 +266,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     config = common.config_from_flags()
+    if FLAGS.convs:
+        rows = conv_paths(config)
+        if FLAGS.json:
+            common.report(dict(benchmark='conv_paths', convs=rows), True)
+        else:
+            print(_conv_table(config, rows), flush=True)
+        return
     setup = common.setup_train(config)
     per_kind, top = profile_jax(setup, FLAGS.steps, FLAGS.warmup)
     result = dict(benchmark='op_profile', **common.describe_config(config, setup.model),
@@ -220,7 +297,8 @@ def _table(result: dict[str, Any]) -> str:
         lines += [f"  {k:26s} {v['ms_per_step']:10.1f} ms  {100 * v['share']:5.1f}%"
                   for k, v in result[side].items()]
         lines.append('  slowest ops:')
-        lines += [f"    {t['op']:40s} {t.get('kind', ''):16s} {t['ms_per_step']:9.1f} ms"
+        lines += [f"    {t['op']:32s} {t.get('kind', ''):16s} {t['ms_per_step']:9.1f} ms  "
+                  f"{t.get('source', '')}"
                   for t in result[side + '_top']]
     return '\n'.join(lines)
 

@@ -21,7 +21,9 @@ decayed, as in this project's default), on one synthetic batch already on the de
 torch.compile fails (at the call or at the first step, where it compiles), the step runs eager
 and the result says why (`torch_compile_error`). With
 `--with_jax`, windows of this project's jitted train step (`bench.common`) and of the PyTorch
-step alternate in one process, so machine noise falls on both alike, and the ratio is printed.
+step alternate in one process, so machine noise falls on both alike, and the ratio is printed;
+each `--jax_xla_options='name=value,...'` adds one more JAX side, the same step compiled with
+those XLA options (e.g. `xla_cpu_use_onednn=true`), to the same alternation.
 Without `--with_jax`, JAX stays on the CPU (it only counts the model's multiply-accumulates);
 with it, JAX allocates GPU memory as it goes (XLA_PYTHON_CLIENT_PREALLOCATE=false) so that
 PyTorch has room too.
@@ -29,6 +31,7 @@ PyTorch has room too.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -53,6 +56,10 @@ flags.DEFINE_string('torch_compile_backend', 'inductor',
 flags.DEFINE_bool('with_jax', False, "Alternate timed windows with this project's train step.")
 flags.DEFINE_bool('torchvision', True, "Use torchvision's model when it is importable.")
 flags.DEFINE_integer('torch_threads', 0, "PyTorch's CPU threads; 0 = its default (one per core).")
+flags.DEFINE_multi_string(
+    'jax_xla_options', [],
+    "With --with_jax: one more JAX side per use, the same step compiled with these XLA options "
+    "('name=value,...', e.g. 'xla_cpu_use_onednn=true'), timed in the same alternation.")
 flags.DEFINE_bool('omp_passive', True,
                   'OMP_WAIT_POLICY=PASSIVE for PyTorch (unless set): on a shared CPU, OpenMP '
                   'threads that spin at each barrier wait for descheduled peers, and small ops '
@@ -357,6 +364,45 @@ def start_torch(config: ml_collections.ConfigDict) -> tuple[TorchSetup, float, s
         return (*first_step('no'), f'{error!r:.300}')
 
 
+def _xla_options(text: str) -> dict[str, Any]:
+    """'a=true,b=3,c=X,Y' -> {'a': True, 'b': 3, 'c': 'X,Y'}: the compile options of one extra
+    JAX side (a piece without '=' continues the previous value, for XLA's list options)."""
+    pairs: list[list[str]] = []
+    for item in filter(None, text.split(',')):
+        name, sep, value = item.partition('=')
+        if sep:
+            pairs.append([name, value])
+        elif pairs:
+            pairs[-1][1] += ',' + item
+        else:
+            raise ValueError(f'--jax_xla_options={text!r} must start with name=value '
+                             '(e.g. xla_cpu_use_onednn=true)')
+    parse = lambda v: (v.lower() == 'true' if v.lower() in ('true', 'false')
+                       else int(v) if v.lstrip('-').isdigit() else v)
+    return {name: parse(value) for name, value in pairs}
+
+
+def _jax_variant(config: ml_collections.ConfigDict, text: str) -> dict[str, Any]:
+    """The trainer's step compiled with extra XLA options, on a fresh state (the state is
+    donated, so each side carries its own)."""
+    options = _xla_options(text)
+    setup = common.setup_train(config)
+    start = time.perf_counter()
+    compiled = setup.step_fn.lower(setup.state, setup.batch).compile(compiler_options=options)
+    compile_s = time.perf_counter() - start
+    runner = common.TrainRunner(dataclasses.replace(setup, step_fn=compiled))
+    return dict(options=text, compile_s=compile_s, runner=runner, times=[])
+
+
+def _variant_result(variant: dict[str, Any], torch_images_per_sec: float,
+                    config: ml_collections.ConfigDict) -> dict[str, Any]:
+    out = dict(compile_s=variant['compile_s'],
+               **common.throughput(variant['times'], FLAGS.steps, config.batch_size, 1),
+               final_loss=variant['runner'].last_loss())
+    out['jax_over_torch'] = out['images_per_sec'] / torch_images_per_sec
+    return out
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -386,12 +432,15 @@ def main(argv: list[str]) -> None:
     jax_setup = common.setup_train(config)
     _, compile_s = common.compile_step(jax_setup)
     jax_runner = common.TrainRunner(jax_setup)
+    variants = [_jax_variant(config, options) for options in FLAGS.jax_xla_options]
     if FLAGS.warmup:
-        jax_runner(FLAGS.warmup)
+        for run in [jax_runner] + [v['runner'] for v in variants]:
+            run(FLAGS.warmup)
     torch_times, jax_times = [], []
     for window in range(FLAGS.windows):  # alternate, and alternate which goes first
-        pair = [(jax_runner, jax_times), (setup, torch_times)]
-        for run, times in pair if window % 2 == 0 else reversed(pair):
+        sides = [(jax_runner, jax_times), *((v['runner'], v['times']) for v in variants),
+                 (setup, torch_times)]
+        for run, times in sides if window % 2 == 0 else reversed(sides):
             times.extend(common.time_windows(run, FLAGS.steps, 1, 0))
     torch_out = torch_result(setup, config, first_step_s, torch_times, flops_per_image,
                              compile_error)
@@ -415,6 +464,9 @@ def main(argv: list[str]) -> None:
         jax=jax_out,
         torch=torch_out,
     )
+    if variants:
+        result['jax_variants'] = {v['options']: _variant_result(v, torch_out['images_per_sec'],
+                                                                config) for v in variants}
     common.report(result, FLAGS.json)
 
 

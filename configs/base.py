@@ -66,9 +66,14 @@ def _model_section() -> ml_collections.ConfigDict:
     model.head_dropout_rate = 0.0  # dropout on the pooled features, before the head
     # How convolutions are computed: 'xla' (XLA's convolution: cuDNN, the TPU), 'im2col' (image
     # patches times the kernel, one matrix product; much faster on XLA:CPU for wide layers, see
-    # resnet_flax/conv.py), or 'auto': im2col for convs with >= 64 input channels on the CPU
-    # backend, xla elsewhere. The same results to float rounding.
+    # resnet_flax/conv.py), or 'auto': on the CPU backend every 1x1 conv as a matrix product and
+    # im2col for the other convs with >= 64 input channels whose patches fit the budget below;
+    # xla elsewhere. The same results to float rounding.
     model.conv_impl = 'auto'
+    # 'auto' keeps a layer on XLA's conv when its im2col patches (batch x output pixels x
+    # kh*kw*C_in, kept for the backward pass: kh*kw times the layer's input) exceed this many
+    # MiB, so the extra memory is at most this much per kh x kw conv. 'im2col' ignores it.
+    model.conv_im2col_max_mib = 64.0
     return model
 
 
@@ -131,9 +136,9 @@ def _add_data_source_fields(data: ml_collections.ConfigDict) -> None:
 
 
 def _add_train_augmentation_fields(data: ml_collections.ConfigDict) -> None:
-    # Train augmentation. '' = the data set's recipe: 'inception' for imagenet2012, image
-    # folders and TFDS sets with large images; 'pad' for CIFAR-sized ones (<= 64 px); 'none'
-    # for digits.
+    # Train augmentation. '' = by the images' size, for TFDS sets, image folders and prepared
+    # stores alike (data/info.py crops): 'inception' for large images; 'pad' for CIFAR-sized
+    # ones (typically <= 64 px); 'none' for digits.
     data.train_crop = ''  # '' | 'inception' | 'pad' | 'none'
     data.inception_area_range = (0.08, 1.0)  # Szegedy et al. 2015: crop 8%-100% of the area
     data.inception_aspect_range = (3 / 4, 4 / 3)
@@ -274,6 +279,13 @@ def _add_safety_and_diagnostic_fields(config: ml_collections.ConfigDict) -> None
     # other training changes (schedule, optimizer, data...) need this set to True for that
     # resume (the earlier config is kept as config.until-step-N.json). resnet_flax/run_config.py
     config.allow_config_change = False
+    # When checkpoints of the workdir do not restore (RELIABILITY.md): 'one' moves aside only
+    # the newest step, only on evidence of damage (a checksum mismatch, or files missing on
+    # every process), and resumes from the step before; anything else stops the run in one
+    # line with nothing moved. 'all' moves aside every step newer than the newest that
+    # restores; 'scratch' also, when none restores, moves them all aside and trains from step 0.
+    # Checkpoints are moved to <workdir>/checkpoints_unreadable/, never deleted.
+    config.checkpoint_fallback = 'one'
     # Diagnostic: also log the gradient norm of each top-level module (stem, every block, head)
     # as train metrics 'grad_norm/stage1_block1', ...; computed in the jitted step, averaged over
     # the logging window like the loss. Cheap enough for small runs (one norm per block).

@@ -11,9 +11,13 @@ checkpoint damaged on disk is moved aside instead of silently resuming from wron
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging as std_logging
 import os
+import re
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -99,6 +103,20 @@ def code_version() -> str:
     return f'{resnet_flax.__version__}+{commit}' if commit else resnet_flax.__version__
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of what writes and reads the checkpoint files. A restore that fails on a
+    step written by other versions is a software change, not damage: nothing is moved."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ('orbax-checkpoint', 'tensorstore'):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = 'unknown'
+    return versions
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -113,6 +131,7 @@ def save(
         'saved_at': time.time(),
         'config': config.to_json_best_effort(),
         'checksums': checksums(state),
+        'libraries': library_versions(),
     }
     with _write_errors_explained(manager, int(step)):
         manager.save(
@@ -300,16 +319,27 @@ _READ = 0  # every array, checksums matching
 _DAMAGED = 1  # bytes that do not match their checksums: damage, for certain
 _UNREACHABLE = 2  # the storage did not answer: retried
 _MISSING = 3  # a file missing, truncated or unparsable while the storage answers: damage only
-# if a second read finds it again, since orbax reports some storage errors as a missing item
-# (it swallows an OSError listing a step, or reading its step metadata)
+# if every process finds it so on two reads in a row, since orbax reports some storage errors
+# as a missing item (it swallows an OSError listing a step, or reading its step metadata), and
+# one host's view of shared storage can lag (NFS attribute caches, gcsfuse's stat cache)
+_FAILED = 4  # any other error, or one on a step written by other orbax/tensorstore versions:
+# a software or environment problem, never a reason to move a step
 # Status codes (tensorstore, absl) and messages that mean the files themselves are bad.
 _DAMAGE_CODES = ('OUT_OF_RANGE', 'FAILED_PRECONDITION', 'DATA_LOSS', 'NOT_FOUND',
                  'INVALID_ARGUMENT')
 FAULT_ENV = 'RESNET_FLAX_INJECT_READ_FAULT'
+# config.checkpoint_fallback: how far a restore may go when checkpoints do not read.
+FALLBACKS = ('one', 'all', 'scratch')
+FALLBACK_FLAG = '--config.checkpoint_fallback'
 
 
 class CheckpointReadError(RuntimeError):
     """A checkpoint could not be read for a storage reason, even after retries."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """Checkpoints exist but none can be restored without moving steps that show no evidence
+    of damage (or more than one): the run stops instead of starting over."""
 
 
 def _inject_read_fault(step: int, state: PyTree) -> PyTree:
@@ -336,7 +366,8 @@ def _inject_read_fault(step: int, state: PyTree) -> PyTree:
 
 
 def _classify(error: Exception) -> int:
-    """_DAMAGED or _MISSING for files that are bad, _UNREACHABLE for anything else (retry)."""
+    """_DAMAGED or _MISSING for files that look bad, _UNREACHABLE for a storage that did not
+    answer (retried), _FAILED for anything else (software: not retried, never damage)."""
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 8:
         chain.append(chain[-1].__cause__)
@@ -348,7 +379,9 @@ def _classify(error: Exception) -> int:
         if isinstance(e, OSError):  # connection refused, reset, timed out
             return _UNREACHABLE
     text = ' '.join(str(e) for e in chain)
-    return _MISSING if any(code in text for code in _DAMAGE_CODES) else _UNREACHABLE
+    if any(code in text for code in _DAMAGE_CODES):
+        return _MISSING
+    return _UNREACHABLE if storage.is_storage_error(error) else _FAILED
 
 
 def _storage_answers(step_dir: epath.Path) -> bool:
@@ -363,17 +396,68 @@ def _storage_answers(step_dir: epath.Path) -> bool:
     return True
 
 
+def _written_by_other_libraries(step_dir: epath.Path) -> str:
+    """'' or what differs, when the step's meta names other orbax/tensorstore versions than
+    these (checkpoints from before the versions were recorded: '')."""
+    try:
+        saved = ocp.JsonCheckpointHandler().restore(step_dir / 'meta').get('libraries')
+    except Exception:  # noqa: BLE001 - an unreadable meta says nothing about versions
+        return ''
+    here = library_versions()
+    if not isinstance(saved, dict) or saved == here:
+        return ''
+    return ', '.join(f'{name} {saved.get(name)} there, {here[name]} here' for name in here
+                     if saved.get(name) != here[name])
+
+
+class _AbandonedReadsFilter(std_logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for tensorstore reads a failed restore
+    left behind."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ('exception was never retrieved' in str(record.msg)
+                    and 'tensorstore' in str(error))
+
+
+def _quiet_abandoned_reads() -> None:
+    """When one array of a step fails to read, orbax closes its event loop while tensorstore
+    still reads the step's other arrays; each of those then ends in a traceback (10 to 75 over
+    one failed resume of the tiny model), which would bury the one-line error. Those two
+    reports are dropped; nothing else is. Installed before the first read, since they arrive
+    from tensorstore's threads while the failure is still being raised."""
+    if getattr(_quiet_abandoned_reads, 'installed', False):
+        return
+    _quiet_abandoned_reads.installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    std_logging.getLogger('asyncio').addFilter(_AbandonedReadsFilter())
+
+
 def _read(manager, step: int, target: PyTree,
           model_config: Any) -> tuple[PyTree | None, int, str]:
+    _quiet_abandoned_reads()
     try:
         return restore_step(manager, step, target, model_config), _READ, ''
     except CheckpointMismatchError:
         raise
-    except Exception as error:  # noqa: BLE001 - classified: damaged, or retried
+    except Exception as error:  # noqa: BLE001 - classified: damaged, retried, or a failure
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         outcome = _classify(error)
-        if outcome == _MISSING and not _storage_answers(epath.Path(manager.directory) / str(step)):
+        step_dir = epath.Path(manager.directory) / str(step)
+        if outcome == _MISSING and not _storage_answers(step_dir):
             outcome = _UNREACHABLE
+        if outcome in (_DAMAGED, _MISSING):
+            other = _written_by_other_libraries(step_dir)
+            if other:
+                outcome, reason = _FAILED, f'written by other versions ({other}): {reason}'
         return None, outcome, reason
 
 
@@ -409,49 +493,63 @@ def _newest_below(manager: ocp.CheckpointManager, below: int | None) -> int | No
 
 
 def _read_agreed(manager, step: int, target: PyTree,
-                 model_config: Any) -> tuple[PyTree | None, list[int], str]:
+                 model_config: Any) -> tuple[PyTree | None, int, str, list[int]]:
     """Every process reads `step`; storage errors anywhere are retried by all, with back-off.
 
-    Returns (state, outcome per process, this process's reason). A checksum mismatch on any
-    process ends the reads at once; a missing or unreadable file must be found on two reads in
-    a row; storage errors that outlast READ_ATTEMPTS stop the run.
+    Returns (state, verdict, this process's reason, the processes whose read failed), the
+    verdict the same on every process:
+    _READ; _DAMAGED on evidence of damage (a checksum mismatch on any process, or a file
+    missing on every process on two reads in a row while the storage answers); _FAILED for
+    anything else (software, or other library versions). A storage error, or a file that
+    some processes miss while others read it, that outlasts READ_ATTEMPTS stops the run.
     """
     wait, missing_before = READ_FIRST_WAIT_SECONDS, False
     for attempt in range(1, READ_ATTEMPTS + 1):
         state, outcome, reason = _read(manager, step, target, model_config)
         outcomes = _all_processes(outcome)
-        if _DAMAGED in outcomes or (_MISSING in outcomes and missing_before):
-            return state, [_DAMAGED if o == _MISSING else o for o in outcomes], reason
-        if _UNREACHABLE not in outcomes and _MISSING not in outcomes:
-            return state, outcomes, reason
-        missing_before = _MISSING in outcomes
+        failed = _processes_with(outcomes, _READ, False)
+        for verdict in (_DAMAGED, _FAILED):
+            if verdict in outcomes:
+                return state, verdict, reason, failed
+        if not failed:
+            return state, _READ, reason, failed
+        missing_everywhere = all(o == _MISSING for o in outcomes)
+        if missing_everywhere and missing_before:
+            return None, _DAMAGED, reason, failed
+        missing_before = missing_everywhere
         if attempt < READ_ATTEMPTS:
-            failed = _processes_that_failed(outcomes)
             logging.warning('Reading checkpoint step %d failed on process(es) %s (%s); %s in '
-                            '%.0f s.', step, failed, reason or 'see that process',
+                            '%.0f s.', step, failed,
+                            reason or 'see that process',
                             'reading it again to be sure' if missing_before else 'retrying', wait)
             time.sleep(wait)
             wait *= 2
-    raise CheckpointReadError(
-        f'Could not read checkpoint step {step} in {manager.directory} after {READ_ATTEMPTS} '
-        f'attempts on process(es) {_processes_that_failed(outcomes)} '
-        f'({reason or "see that process"}); it is left in place. Check the storage '
-        '(network, credentials), then run the same command to resume.')
+    raise CheckpointReadError(_unreadable_message(manager, step, outcomes, reason))
 
 
-def _processes_that_failed(outcomes: list[int]) -> list[int]:
-    return [i for i, o in enumerate(outcomes) if o != _READ]
+def _unreadable_message(manager, step: int, outcomes: list[int], reason: str) -> str:
+    failed = _processes_with(outcomes, _READ, False)
+    why = reason or 'see that process'
+    if _UNREACHABLE not in outcomes:  # missing on some processes, read by the others
+        return (f'Process(es) {failed} could not find files of checkpoint step {step} in '
+                f'{manager.directory} that process(es) {_processes_with(outcomes, _READ)} '
+                f'read, on {READ_ATTEMPTS} attempts ({why}); it is left in place. Their view '
+                'of the storage lags or differs (an NFS attribute cache, a gcsfuse stat cache, '
+                'another mount): check that every host mounts the same storage, then run the '
+                'same command to resume.')
+    return (f'Could not read checkpoint step {step} in {manager.directory} after '
+            f'{READ_ATTEMPTS} attempts on process(es) {failed} ({why}); it is left in place. '
+            'Check the storage (network, credentials), then run the same command to resume.')
 
 
-def _processes_with(outcomes: list[int], kind: int) -> list[int]:
-    return [i for i, o in enumerate(outcomes) if o == kind]
+def _processes_with(outcomes: list[int], kind: int, equal: bool = True) -> list[int]:
+    return [i for i, o in enumerate(outcomes) if (o == kind) == equal]
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
-    """Moves a damaged checkpoint aside (never deletes it) so that the step can be redone."""
+    """Moves a checkpoint aside (never deletes it) so that the step can be redone."""
     source = epath.Path(manager.directory) / str(step)
-    quarantine = epath.Path(manager.directory).parent / QUARANTINE_DIR
-    destination = quarantine / f'{step}-{_from_process_0(int(time.time()))}'
+    destination = quarantine_dir(manager) / f'{step}-{_from_process_0(int(time.time()))}'
     if jax.process_index() == 0:
         destination.parent.mkdir(parents=True, exist_ok=True)
         source.rename(destination)
@@ -460,31 +558,102 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     return destination
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
-                   model_config: Any = None) -> PyTree | None:
-    """The newest good checkpoint, the same one on every process; None for a fresh workdir.
+def quarantine_dir(manager: ocp.CheckpointManager) -> epath.Path:
+    return epath.Path(manager.directory).parent / QUARANTINE_DIR
 
-    Process 0 names the step to try; every process reads it and all see every outcome. Storage
-    errors are retried (see `_read_agreed`); a checkpoint that any process read as damaged
-    (checksum or structure) is moved aside and all fall back to the next older one. A
-    checkpoint of another model is an error, not a fallback (by shapes, and by the saved config
-    when `model_config`, the config.model of the run, is given).
+
+@dataclasses.dataclass(frozen=True)
+class _Unread:
+    """A step that did not restore: the agreed verdict and this process's reason."""
+
+    step: int
+    verdict: int  # _DAMAGED (evidence of damage) or _FAILED
+    reason: str
+    processes: list[int]  # whose read failed
+
+    def where(self) -> str:
+        return '' if jax.process_count() == 1 else f' on process(es) {self.processes}'
+
+    def describe(self) -> str:
+        return f'step {self.step}{self.where()}: {self.why()}'
+
+    def why(self) -> str:
+        return self.reason[:160].rstrip('.') or 'see the other processes'
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
+                   model_config: Any = None, fallback: str = 'one') -> PyTree | None:
+    """The newest checkpoint that restores, the same one on every process; None for a
+    workdir without checkpoints (or, with fallback='scratch', when none restores).
+
+    Process 0 names each step to try, newest first; every process reads it and all see every
+    outcome (`_read_agreed`: storage errors are retried, then stop the run). Steps that do not
+    restore are only read, never moved, until one does; then `fallback` decides
+    (`_settle_unreadable`): by default ('one') only a newest step with evidence of damage is
+    moved aside, and anything else stops the run in one line with nothing moved. A checkpoint
+    of another model is an error, not a fallback (by shapes, and by the saved config when
+    `model_config`, the config.model of the run, is given).
     """
-    step = _newest_below(manager, None)
+    if fallback not in FALLBACKS:
+        raise ValueError(f'{FALLBACK_FLAG}={fallback!r}; choose one of {", ".join(FALLBACKS)}.')
+    unread: list[_Unread] = []
+    state, step = None, _newest_below(manager, None)
     while step is not None:
-        state, outcomes, reason = _read_agreed(manager, step, target, model_config)
-        if _DAMAGED not in outcomes:
-            return state
-        moved = _quarantine(manager, step)
-        where = ('' if jax.process_count() == 1 else
-                 f' on process(es) {_processes_with(outcomes, _DAMAGED)}')
-        logging.warning('Checkpoint step %d is damaged%s (%s); moved to %s.',
-                        step, where, reason or 'see that process', moved)
+        state, verdict, reason, failed = _read_agreed(manager, step, target, model_config)
+        if verdict == _READ:
+            break
+        unread.append(_Unread(step, verdict, reason, failed))
+        state, step = None, _newest_below(manager, step)
+    if unread:
+        _settle_unreadable(manager, unread, step, fallback)
+    return state
+
+
+def _settle_unreadable(manager: ocp.CheckpointManager, unread: list[_Unread],
+                       good: int | None, fallback: str) -> None:
+    """Moves the unread steps aside when `fallback` allows it, else stops the run in one line.
+
+    'one': only the newest step, only on evidence of damage, and only when an older one reads.
+    'all': every unread step above the newest that reads. 'scratch': as 'all', and when none
+    reads, every step (the run then starts from step 0).
+    """
+    allowed = (fallback == 'scratch' or (good is not None and (
+        fallback == 'all' or (len(unread) == 1 and unread[0].verdict == _DAMAGED))))
+    if not allowed:
+        raise CheckpointRestoreError(_stop_message(manager, unread, good))
+    for entry in unread:
+        moved = _quarantine(manager, entry.step)
+        where = (f'resuming from step {good}' if good is not None else
+                 f'training from step 0 ({FALLBACK_FLAG}=scratch)')
+        logging.warning('Checkpoint step %d moved to %s: %s.', entry.step, moved,
+                        entry.describe())
         if jax.process_index() == 0:
-            print(f'Checkpoint at step {step} is unreadable{where}; moved it to {moved} and '
-                  'resuming from the previous one.', flush=True)
-        step = _newest_below(manager, step)
-    return None
+            print(f'Checkpoint at step {entry.step} is unreadable{entry.where()}; moved it to '
+                  f'{moved} and {where}: {entry.describe()}.', flush=True)
+
+
+def _stop_message(manager: ocp.CheckpointManager, unread: list[_Unread],
+                  good: int | None) -> str:
+    aside = quarantine_dir(manager)
+    same = len(unread) > 1 and len({re.sub(r'\d+', 'N', e.reason) for e in unread}) == 1
+    if same:
+        listed = (f'steps {", ".join(str(e.step) for e in unread)} all fail the same way: '
+                  f'{unread[0].why()}')
+    else:
+        listed = '; '.join(entry.describe() for entry in unread)
+    if good is None:
+        cause = (' The same error on every step looks like a software or environment problem '
+                 '(library versions, a path, a mount), not damage.' if same else '')
+        return (f'No checkpoint in {manager.directory} could be restored ({listed}); nothing '
+                f'was moved.{cause} Fix the cause and run the same command to resume, or pass '
+                f'{FALLBACK_FLAG}=scratch to move them all to {aside} and train from step 0.')
+    why = ('more than one step would be moved aside' if len(unread) > 1 else
+           'that is no evidence of damage (a checksum mismatch, or files missing on every '
+           'process)')
+    return (f'Checkpoint(s) in {manager.directory} newer than step {good} did not restore '
+            f'({listed}); step {good} does, but nothing was moved: {why}. Fix the cause and '
+            f'run the same command to resume, or pass {FALLBACK_FLAG}=all to move them to '
+            f'{aside} and resume from step {good}.')
 
 
 def best_step(manager: ocp.CheckpointManager, metric: str = 'top1') -> int | None:

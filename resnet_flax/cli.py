@@ -112,11 +112,12 @@ def _dotted_names(config: Any, prefix: str = '') -> list[str]:
     return names
 
 
-def check_config_overrides(argv: list[str]) -> None:
+def check_config_overrides(argv: list[str], default_config: str | Path | None = None) -> None:
     """A mistyped `--config.a.b=v` is a one-line error naming the nearest valid fields."""
     overrides = [arg[len('--config.'):].split('=', 1)[0] for arg in argv[1:]
                  if arg.startswith('--config.')]
-    spec = next((arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config=')), None)
+    spec = next((arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config=')),
+                str(default_config) if default_config else None)
     if not overrides:
         return
     if spec is None:
@@ -138,10 +139,11 @@ def check_config_overrides(argv: list[str]) -> None:
             raise SystemExit(f'Error: --config.{name}: the config has no field {name!r}{hint}')
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """absl's app.run, with user errors shown as one line instead of a traceback."""
+def run(main: Callable[[list[str]], None], default_config: str | Path | None = None) -> None:
+    """absl's app.run, with user errors shown as one line instead of a traceback.
+    `default_config`: the --config file a CLI reads when none is given (summary's base.py)."""
     check_config_path(sys.argv)
-    check_config_overrides(sys.argv)
+    check_config_overrides(sys.argv, default_config)
 
     def guarded(argv):
         try:

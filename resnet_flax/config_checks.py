@@ -5,10 +5,13 @@ Inferred (each announced in one line):
 - `model.num_classes` from the data set's class count, unless a checkpoint in the workdir
   was trained with another head (that run cannot continue as another network);
 - `data.eval_split` when the configured split does not exist and exactly one other split does.
+Announced too: the train and eval crops, which follow the images' size unless set
+(`info.crops`: one rule for TFDS sets, image folders and prepared stores).
 
-Everything else that would fail later (the device split of the batch, a batch larger than the
-train set, a warmup as long as the whole run, ...) is collected and raised as one ValueError,
-so adapting a config to a new data set takes one failed run, not one per field.
+Everything else that would fail later (the device split of the batch, the network's own rules,
+a batch larger than the train set, a warmup as long as the whole run, ...) is collected and
+raised as one ValueError, so adapting a config to a new data set takes one failed run, not one
+per field. A smoke run on synthetic data is told how long each eval will take.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable
 import ml_collections
 from etils import epath
 
-from resnet_flax import data, optim, run_config
+from resnet_flax import data, models, optim, run_config
 from resnet_flax.data import info as info_lib
 
 
@@ -117,6 +120,34 @@ def _check_run_length(config, info, problems: list[str]) -> None:
                         f'than the whole run ({total} steps); set e.g. {fix}')
 
 
+def _note_synthetic_eval(config, info, notes: list[str]) -> None:
+    """Synthetic data keeps ImageNet's 50,000 eval images: a smoke run of a few steps would
+    spend minutes in each eval without saying why."""
+    if config.data.dataset != 'synthetic':
+        return
+    from resnet_flax import evaluate
+
+    batch = evaluate.eval_batch_size(config)
+    eval_steps = -(-info.num_eval_examples // batch)
+    steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
+    try:
+        train_steps = optim.total_train_steps(config, steps_per_epoch)
+    except ValueError:
+        return  # named by _check_run_length
+    if eval_steps > train_steps:
+        notes.append(f'each eval reads {info.num_eval_examples:,} synthetic examples '
+                     f'({eval_steps:,} batches of {batch}), more steps than the whole run '
+                     f'({train_steps}); --config.data.synthetic_num_eval_examples=N shortens it')
+
+
+def _check_model(config, problems: list[str], notes: list[str]) -> None:
+    """The network's own rules (models._validate), so that they join the one error."""
+    note = models.plain_zero_init_note(config.model)
+    if note:
+        notes.append(note)
+    _problem(lambda: models.from_config(config.model), problems)
+
+
 def resolve(config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None,
             device_checks: Callable[[ml_collections.ConfigDict], None] | None = None,
             ) -> tuple[ml_collections.ConfigDict, info_lib.DatasetInfo, list[str]]:
@@ -130,6 +161,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: epath.PathLike | None = 
     problems, notes = [], []
     if device_checks is not None:
         _problem(lambda: device_checks(config), problems)
+    _check_model(config, problems, notes)
     try:
         info_lib.validate(config.data)
         probe = config.data
@@ -141,7 +173,10 @@ def resolve(config: ml_collections.ConfigDict, workdir: epath.PathLike | None = 
     except (ValueError, FileNotFoundError) as error:
         _raise(problems + [str(error).rstrip('.')])
     _infer_num_classes(config, info, workdir, problems, notes)
+    if config.data.dataset not in ('digits', 'synthetic'):  # they have their own recipes
+        notes.append(info_lib.describe_crops(config.data, info.image_side))
     _check_run_length(config, info, problems)
+    _note_synthetic_eval(config, info, notes)
     if problems:
         _raise(problems)
     return config, info, notes

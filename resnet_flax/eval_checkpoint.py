@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from resnet_flax import data, evaluate, models, predict, run_config, sharding, weights
 from resnet_flax.device_augment import AugmentConfig
@@ -39,7 +40,19 @@ def saved_config(workdir: str | None) -> ml_collections.ConfigDict:
     if not workdir:
         raise ValueError('Pass --config=FILE (and its overrides); only a --workdir carries '
                          'the config of its run.')
+    check_workdir(workdir)
     return run_config.load(workdir)
+
+
+def check_workdir(workdir: str) -> None:
+    """A --workdir that is a file, or missing, is named as such (not as a missing config.json)."""
+    path = epath.Path(workdir)
+    if path.is_file():
+        raise ValueError(f'--workdir={workdir} is a file, not a train workdir; pass the '
+                         'directory train.py wrote (or --checkpoint=PATH for a converted one).')
+    if not path.exists():
+        raise FileNotFoundError(f'--workdir={workdir} does not exist; pass the directory '
+                                'train.py wrote.')
 
 
 def restore_model(config: ml_collections.ConfigDict, ckpt: weights.Checkpoint,
@@ -114,13 +127,15 @@ def run(config: ml_collections.ConfigDict, *, workdir: str | None, checkpoint: s
     if checkpoint and checkpoint_step != 'latest':
         raise ValueError(f'--checkpoint_step={checkpoint_step} chooses a step of a --workdir; '
                          'with --checkpoint pass the step directory itself.')
+    if workdir:
+        check_workdir(workdir)
     path = workdir or checkpoint
     if images:
         ckpt, predictions = predict_checkpoint(config, path, images, step=checkpoint_step,
                                                use_ema=use_ema, k=top_k)
         output = {'step': ckpt.step, 'checkpoint': str(ckpt.directory), 'ema': use_ema,
                   'predictions': [p.as_dict() for p in predictions]}
-        text = '\n'.join(p.format() for p in predictions)
+        text = '\n'.join([describe_checkpoint(output), *(p.format() for p in predictions)])
     else:
         output = evaluate_checkpoint(config, path, step=checkpoint_step, split=split,
                                      use_ema=use_ema)
@@ -129,9 +144,14 @@ def run(config: ml_collections.ConfigDict, *, workdir: str | None, checkpoint: s
         print(json.dumps(output) if as_json else text, flush=True)
 
 
+def describe_checkpoint(output: dict[str, Any]) -> str:
+    """'/tmp/run/checkpoints/660 (step 660, EMA weights)': what a result was computed with."""
+    weights_used = 'EMA weights' if output['ema'] else 'weights'
+    step = f'step {output["step"]}' if output['step'] is not None else 'converted'
+    return f'{output["checkpoint"]} ({step}, {weights_used})'
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
-    weights_used = 'EMA weights' if metrics['ema'] else 'weights'
-    step = f'step {metrics["step"]}' if metrics['step'] is not None else 'converted'
-    return (f'{metrics["checkpoint"]} ({step}, {weights_used}) on {metrics["split"]!r}: '
+    return (f'{describe_checkpoint(metrics)} on {metrics["split"]!r}: '
             f'loss {metrics["loss"]:.4f}, top1 {metrics["top1"]:.4f}, '
             f'top5 {metrics["top5"]:.4f} over {metrics["num_examples"]} examples')

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from resnet_flax import data, sharding, steps
 from resnet_flax.device_augment import AugmentConfig
 
 PyTree = Any
+EVAL_PROGRESS_DELAY_SEC = 3.0  # passes shorter than this print nothing
 
 
 def make_eval_fn(model: nn.Module, mesh: Mesh,
@@ -54,9 +56,20 @@ def evaluate(
         process_count=jax.process_count(),
     )
     totals = None
-    for batch in sharding.prefetch_to_mesh(batches, mesh):
+    for batch in _progress(sharding.prefetch_to_mesh(batches, mesh), split or
+                           config.data.eval_split, eval_batch_size(config)):
         sums = eval_fn(variables, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError(f'The eval split {split or config.data.eval_split!r} has no examples.')
     return steps.summarize_eval(jax.device_get(totals))
+
+
+def _progress(batches: Iterator[dict], split: str, batch_size: int) -> Iterator[dict]:
+    """A progress bar on process 0 for an eval pass that takes more than a few seconds (a
+    short one shows nothing); it counts batches as they are dispatched, with no host sync."""
+    from tqdm import tqdm
+
+    return tqdm(batches, desc=f'eval {split!r}, batches of {batch_size}', unit='batch',
+                file=sys.stderr, delay=EVAL_PROGRESS_DELAY_SEC, leave=False, dynamic_ncols=True,
+                disable=jax.process_index() != 0)

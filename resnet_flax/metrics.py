@@ -39,9 +39,16 @@ class MetricWriter:
         if not storage.is_local(self._path):
             self._lines = storage.retry(lambda: _read_lines(self._path), f'Reading {self._path}',
                                         deadline_seconds=CLOSE_RETRY_SECONDS)
-        from tensorboardX import SummaryWriter  # no TensorFlow needed
+        self._tensorboard_dir = str(epath.Path(workdir) / 'tensorboard')
 
-        self._tensorboard = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+    def _events(self):
+        """The TensorBoard writer, opened at the first record: a run that writes nothing (a
+        finished run re-run) leaves no empty event file behind."""
+        if self._tensorboard is None:
+            from tensorboardX import SummaryWriter  # no TensorFlow needed
+
+            self._tensorboard = SummaryWriter(self._tensorboard_dir)
+        return self._tensorboard
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -56,7 +63,7 @@ class MetricWriter:
             self._rewrite(retry_seconds=0.0)
         for name, value in record.items():
             if name not in ('step', 'split') and isinstance(value, (int, float)):
-                self._tensorboard.add_scalar(f'{split}/{name}', value, int(step))
+                self._events().add_scalar(f'{split}/{name}', value, int(step))
         self._flush_tensorboard()
 
     def _rewrite(self, retry_seconds: float) -> None:
@@ -83,9 +90,9 @@ class MetricWriter:
                             str(error).splitlines()[0][:200] if str(error) else type(error))
 
     def close(self) -> None:
+        if self.enabled and self._unwritten:
+            self._rewrite(retry_seconds=CLOSE_RETRY_SECONDS)
         if self._tensorboard is not None:
-            if self._unwritten:
-                self._rewrite(retry_seconds=CLOSE_RETRY_SECONDS)
             self._flush_tensorboard()
             with contextlib.suppress(Exception):  # flushed above; an outage is logged there
                 self._tensorboard.close()

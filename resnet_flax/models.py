@@ -65,6 +65,7 @@ CONFIG_DEFAULTS: dict[str, Any] = dict(
     avg_down=False, zero_init_last_bn=False, width_multiplier=1.0, groups=1, base_width=64,
     se_ratio=0.0, dtype='float32', param_dtype='float32', bn_momentum=0.9, bn_epsilon=1e-5,
     bn_group_size=0, drop_path_rate=0.0, head_dropout_rate=0.0, conv_impl='auto',
+    conv_im2col_max_mib=64.0,
 )
 
 IMAGENET_DEPTHS = {  # depth -> (block, blocks per stage), He et al. 2015 Table 1 (+ v2's 200)
@@ -131,6 +132,7 @@ class ResNet(nn.Module):
     drop_path_rate: float = 0.0
     head_dropout_rate: float = 0.0
     conv_impl: str = 'auto'  # 'auto' | 'xla' | 'im2col'; see resnet_flax/conv.py
+    conv_im2col_max_mib: float = 64.0  # 'auto': the largest im2col patch tensor of one layer
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -164,7 +166,8 @@ class ResNet(nn.Module):
         ('stem', 'stage1', ..., 'logits'), NHWC in the model's dtype, for backbone users."""
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=blocks.conv_kernel_init,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        conv_fn = conv_lib.conv_function(self.conv_impl)  # on CPU: GEMMs, not XLA's conv
+        # on the CPU: GEMMs, not XLA's conv
+        conv_fn = conv_lib.conv_function(self.conv_impl, self.conv_im2col_max_mib)
         if conv_fn is not None:
             conv = functools.partial(conv, conv_general_dilated=conv_fn)
         norm_kwargs = dict(use_running_average=not train, momentum=self.bn_momentum,
@@ -339,7 +342,7 @@ def resolve(fields: Mapping[str, Any]) -> dict[str, Any]:
         bn_momentum=float(cfg['bn_momentum']), bn_epsilon=float(cfg['bn_epsilon']),
         bn_group_size=int(cfg['bn_group_size']), drop_path_rate=float(cfg['drop_path_rate']),
         head_dropout_rate=float(cfg['head_dropout_rate']),
-        conv_impl=str(cfg['conv_impl']),
+        conv_impl=str(cfg['conv_impl']), conv_im2col_max_mib=float(cfg['conv_im2col_max_mib']),
     )
 
 
@@ -360,9 +363,25 @@ def create(name: str, num_classes: int | None = None, **overrides: Any) -> ResNe
     return ResNet(**resolve(config_for(name, num_classes, **overrides)))
 
 
+def plain_zero_init_note(model_cfg: Mapping[str, Any]) -> str | None:
+    """The one line saying that a config's zero_init_last_bn is dropped for a plain net, or None.
+
+    A recipe (configs/imagenet.py) turns zero-init on for its residual nets; overriding only
+    `model.shortcut=none` for the plain-vs-residual ablation must not need a second override."""
+    if model_cfg.get('shortcut') == 'none' and model_cfg.get('zero_init_last_bn'):
+        return ("model.shortcut='none' builds a plain net, where zero_init_last_bn has nothing to "
+                'act on (no identity path to start as): its blocks start with BN scale 1')
+    return None
+
+
 def from_config(model_cfg: Mapping[str, Any]) -> ResNet:
-    """The model described by a config's `model` section (an ml_collections.ConfigDict)."""
+    """The model described by a config's `model` section (an ml_collections.ConfigDict).
+
+    A plain net (`shortcut='none'`) ignores the section's `zero_init_last_bn`
+    (`plain_zero_init_note` says why); `create` with both set is still an error."""
     fields = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+    if plain_zero_init_note(fields):
+        fields['zero_init_last_bn'] = False
     return ResNet(**resolve(fields))
 
 

@@ -11,6 +11,13 @@ the loss by a scale S before the backward pass and divides the gradients by S af
 whose gradients are not all finite changes nothing (weights, optimizer state, BN statistics
 and EMA keep their values) and halves S; after `GROWTH_INTERVAL` finite steps in a row S
 doubles, so S stays near the largest value that does not overflow.
+
+A skipped step still counts as a step of the learning-rate schedule: `state.step` advances, and
+so does the schedule's own count in the optimizer state (`schedule_in_step`), so the rate the
+next update applies is the scheduled rate of its step, the `learning_rate` that is logged (as
+torch, whose LR scheduler steps every iteration). Moments and their counts (Adam's bias
+correction) stay as they were: only applied updates move them, as in torch's skipped
+`optimizer.step()`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 PyTree = Any
 
@@ -81,3 +89,14 @@ def adjust(loss_scale: LossScale, finite: jax.Array) -> LossScale:
 def keep_if(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     """`new` where the step was finite, else `old`, leaf by leaf (no host sync)."""
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def schedule_in_step(kept: PyTree, stepped: PyTree) -> PyTree:
+    """The optimizer state `kept` by a skipped step, with the learning-rate schedule counts of
+    `stepped` (the state the step would have made), so that the schedule keeps pace with
+    `state.step` and the logged rate is the applied one."""
+    def is_schedule(node) -> bool:
+        return isinstance(node, optax.ScaleByScheduleState)
+
+    return jax.tree.map(lambda old, new: new if is_schedule(old) else old, kept, stepped,
+                        is_leaf=is_schedule)

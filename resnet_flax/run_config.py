@@ -8,27 +8,33 @@ through etils.epath, so gs:// workdirs work the same way.
 A resume compares the new config with the saved one, field by field:
 - the network (`config.model` as `models.resolve` reads it): a checkpoint of one network cannot
   continue as another, so any difference is refused;
-- bookkeeping (`BOOKKEEPING_FIELDS`: when to log, evaluate and save, input throughput, where
-  the data lives): changes nothing that is learned, so it is announced and goes ahead;
-- everything else (schedule, optimizer, data and augmentation, batch size, ...) changes the
-  training mid-run, so it needs `--config.allow_config_change=True`.
+- bookkeeping (`BOOKKEEPING_FIELDS`: when to log, evaluate and save, input throughput, how
+  convolutions are computed, where a TFDS set is stored): changes nothing that is learned, so
+  it is announced and goes ahead;
+- everything else (schedule, optimizer, data and augmentation, batch size, the image folder or
+  prepared store itself, ...) changes the training mid-run, so it needs
+  `--config.allow_config_change=True`.
+
+Some choices are made per machine ('auto' loader, JPEG decoder and train resizer: is
+TensorFlow installed, does the JPEG window decoder build?). What they resolved to is recorded
+in config.json under `RESOLVED_KEY`, and a resume where they resolve otherwise says so.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.traverse_util
 import ml_collections
 from etils import epath
 
-from resnet_flax import models
+from resnet_flax import config_base, models
 
 CONFIG_FILE = 'config.json'
+# config.json's record of what the per-machine 'auto' choices resolved to (not a config field).
+RESOLVED_KEY = '_resolved'
 
 # Fields that change how a run is watched or fed, not what it learns.
 BOOKKEEPING_FIELDS = frozenset({
@@ -38,13 +44,19 @@ BOOKKEEPING_FIELDS = frozenset({
     'data.data_dir', 'data.download', 'data.cache', 'data.num_parallel_calls',
     'data.threadpool_size', 'data.prefetch_batches', 'data.ram_budget_gb',
     'data.processes_per_host', 'data.num_workers', 'data.shuffle_buffer_size',
-    'data.verify_images', 'log_block_grad_norms',
+    'data.verify_images', 'log_block_grad_norms', 'checkpoint_fallback', 'model.conv_impl',
 })
+# Where the data is stored, for sources whose directory is only a location (a TFDS data_dir);
+# for these the directory is the data set itself, so another one is a training change.
+_DATA_DIR_IS_DATASET = ('image_folder', 'prepared')
 # Model fields that only matter when weights are first made: a resume may change them
 # (with allow_config_change, like the seed).
 _INIT_ONLY_MODEL_FIELDS = ('zero_init_last_bn',)
 # Model fields that change only training, not what a checkpoint computes: eval may differ.
 _TRAIN_ONLY_MODEL_FIELDS = ('dtype', 'param_dtype', 'bn_momentum', 'bn_group_size')
+# Model fields that choose how the same network is computed (the same results to float
+# rounding): never a different network, for resumes and eval alike.
+_EXECUTION_MODEL_FIELDS = ('conv_impl',)
 
 
 class ConfigChangeError(ValueError):
@@ -57,10 +69,22 @@ def read_saved(workdir: epath.PathLike) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except ValueError as error:
         raise ConfigChangeError(f'{path} is not valid JSON ({error}); restore it from '
                                 'a config.until-step-*.json next to it or pass --config.') from None
+    saved.pop(RESOLVED_KEY, None)
+    return saved
+
+
+def read_resolved(workdir: epath.PathLike) -> dict[str, str]:
+    """What the 'auto' choices resolved to when `workdir`'s config.json was written ({} for
+    config.json files from before this was recorded)."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    try:
+        return dict(json.loads(path.read_text()).get(RESOLVED_KEY, {}))
+    except (FileNotFoundError, ValueError, AttributeError):
+        return {}
 
 
 def load(workdir: epath.PathLike) -> ml_collections.ConfigDict:
@@ -78,20 +102,17 @@ def with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A saved config with the fields added to configs/base.py since it was written at their
     defaults, so runs of older code still evaluate, resume and report."""
     config = _base_config()
+    fields = {key: value for key, value in dict(saved).items() if key != RESOLVED_KEY}
     with config.unlocked():
-        config.update(_tuples(dict(saved)))
+        config.update(_tuples(fields))
     return config
 
 
 def _base_config() -> ml_collections.ConfigDict:
-    """configs/base.py's defaults (the one schema), or an empty config outside a checkout."""
-    path = Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
-    if not path.exists():
-        return ml_collections.ConfigDict()
-    spec = importlib.util.spec_from_file_location('resnet_flax_base_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The defaults of configs/base.py (the one schema), from the package's own copy:
+    resnet_flax/config_base.py is a link to it in a checkout, and the file itself in an
+    installed wheel, so a non-editable install has every default too."""
+    return config_base.get_config()
 
 
 def _tuples(value: Any) -> Any:
@@ -136,7 +157,8 @@ def network_changes(saved_model: Mapping[str, Any], new_model: Mapping[str, Any]
 
 
 def check_same_network(saved_model: Mapping[str, Any], new_model: Mapping[str, Any],
-                       where: str, fix: str, ignore: tuple[str, ...] = _INIT_ONLY_MODEL_FIELDS
+                       where: str, fix: str,
+                       ignore: tuple[str, ...] = _INIT_ONLY_MODEL_FIELDS + _EXECUTION_MODEL_FIELDS
                        ) -> None:
     """Raises a one-line ConfigChangeError when the two model sections build different nets."""
     changed = network_changes(saved_model, new_model, ignore)
@@ -153,12 +175,20 @@ def check_eval_model(saved_model: Mapping[str, Any], new_model: Mapping[str, Any
     fields may differ: evaluating in bfloat16 is fine)."""
     check_same_network(saved_model, new_model, where,
                        'leave out --config to use the saved one, or fix the model overrides.',
-                       ignore=_INIT_ONLY_MODEL_FIELDS + _TRAIN_ONLY_MODEL_FIELDS)
+                       ignore=(_INIT_ONLY_MODEL_FIELDS + _TRAIN_ONLY_MODEL_FIELDS
+                               + _EXECUTION_MODEL_FIELDS))
 
 
 def _is_network_field(name: str) -> bool:
     """A `model.` field checked by `check_same_network` rather than by value."""
-    return name.startswith('model.') and name[len('model.'):] not in _INIT_ONLY_MODEL_FIELDS
+    return name.startswith('model.') and name[len('model.'):] not in (
+        _INIT_ONLY_MODEL_FIELDS + _EXECUTION_MODEL_FIELDS)
+
+
+def _is_training_change(name: str, config: ml_collections.ConfigDict) -> bool:
+    if name == 'data.data_dir':  # an image folder or prepared store is the data set itself
+        return config.data.dataset in _DATA_DIR_IS_DATASET
+    return name not in BOOKKEEPING_FIELDS
 
 
 def check_resume(workdir: epath.PathLike, config: ml_collections.ConfigDict,
@@ -179,7 +209,7 @@ def check_resume(workdir: epath.PathLike, config: ml_collections.ConfigDict,
     changed = sorted(name for name in saved_flat.keys() & new_flat.keys()
                      if saved_flat[name] != new_flat[name] and not _is_network_field(name)
                      and name != 'allow_config_change')
-    training = [name for name in changed if name not in BOOKKEEPING_FIELDS]
+    training = [name for name in changed if _is_training_change(name, config)]
     at = f' at step {step}' if step is not None else ''
     if training and not config.get('allow_config_change', False):
         raise ConfigChangeError(
@@ -187,9 +217,49 @@ def check_resume(workdir: epath.PathLike, config: ml_collections.ConfigDict,
             f'{_diff(training, saved_flat, new_flat)}; to resume with the change pass '
             '--config.allow_config_change=True (the earlier config.json is kept), or use a '
             'fresh --workdir.')
-    if changed:
-        return f'Config changed since step {step}: {_diff(changed, saved_flat, new_flat)}.'
-    return None
+    notes = [f'Config changed since step {step}: {_diff(changed, saved_flat, new_flat)}.'
+             if changed else '', _resolved_changes(read_resolved(workdir), config, step)]
+    return ' '.join(note for note in notes if note) or None
+
+
+def resolved_choices(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """What this machine makes of the config's per-machine 'auto' choices:
+    {'data.loader': 'tf', 'data.decoder': 'libjpeg_window', ...}, for the fields set to
+    'auto' that the data set uses ({} for digits and synthetic data)."""
+    from resnet_flax import data
+
+    data_cfg = config.data
+    if data_cfg.dataset in ('digits', 'synthetic'):
+        return {}
+    loader = data.loader(data_cfg)
+    resolved = {'data.loader': loader} if data_cfg.get('loader', 'auto') == 'auto' else {}
+    if loader == 'grain':
+        from resnet_flax.data import pil_preprocess
+
+        if data_cfg.get('decoder', 'auto') == 'auto':
+            window = pil_preprocess.resolve_window_decode('auto')
+            resolved['data.decoder'] = ('libjpeg_window' if window
+                                        else pil_preprocess.resolve_decoder('auto'))
+        if data_cfg.get('train_resizer', 'auto') == 'auto':
+            resolved['data.train_resizer'] = pil_preprocess.resolve_resizer(
+                'auto', data_cfg.resize_method)
+    return resolved
+
+
+def _resolved_changes(saved: Mapping[str, str], config: ml_collections.ConfigDict,
+                      step: int | None) -> str:
+    """A note when an 'auto' choice resolves here to another value than when the run was
+    saved: the same config.json then reads, decodes or resizes its pixels another way."""
+    here = resolved_choices(config)
+    changed = sorted(name for name in saved.keys() & here.keys() if saved[name] != here[name])
+    if not changed:
+        return ''
+    listed = ', '.join(f'{name}=auto was {saved[name]!r}, here {here[name]!r}'
+                       for name in changed)
+    fixes = ' '.join(f'--config.{name}={saved[name]}' for name in changed)
+    return (f'Per-machine choices differ from the machine that trained to step {step} '
+            f'({listed}): the pixels are made another way from here on; to keep them, pass '
+            f'{fixes}.')
 
 
 def save(workdir: epath.PathLike, config: ml_collections.ConfigDict, step: int) -> None:
@@ -197,7 +267,11 @@ def save(workdir: epath.PathLike, config: ml_collections.ConfigDict, step: int) 
     config.until-step-<step>.json. Call on one process only."""
     workdir = epath.Path(workdir)
     path = workdir / CONFIG_FILE
-    text = config.to_json_best_effort(indent=2) + '\n'
+    record = json.loads(config.to_json_best_effort())
+    resolved = resolved_choices(config)
+    if resolved:
+        record[RESOLVED_KEY] = resolved
+    text = json.dumps(record, indent=2) + '\n'
     if path.exists():
         previous = path.read_text()
         if previous == text:

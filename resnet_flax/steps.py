@@ -179,9 +179,10 @@ def train_step(
 
 def _skip_if_not_finite(state: TrainState, new_state: TrainState, grads,
                         metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """float16: a step with non-finite gradients keeps the old weights, optimizer state, BN
-    statistics and EMA, and adjusts the loss scale. Its gradient norm counts as 0 (nothing was
-    applied), per block too; `skipped_updates` says how often that happened."""
+    """float16: a step with non-finite gradients keeps the old weights, optimizer state (but
+    for the schedule's count, which keeps pace with `state.step`), BN statistics and EMA, and
+    adjusts the loss scale. Its gradient norm counts as 0 (nothing was applied), per block too;
+    `skipped_updates` says how often that happened."""
     finite = precision.all_finite(grads)
     kept = precision.keep_if(
         finite,
@@ -190,6 +191,7 @@ def _skip_if_not_finite(state: TrainState, new_state: TrainState, grads,
         (state.params, state.opt_state, state.batch_stats, state.ema_params,
          state.ema_batch_stats))
     params, opt_state, batch_stats, ema_params, ema_batch_stats = kept
+    opt_state = precision.schedule_in_step(opt_state, new_state.opt_state)
     new_state = new_state.replace(
         params=params, opt_state=opt_state, batch_stats=batch_stats, ema_params=ema_params,
         ema_batch_stats=ema_batch_stats,

@@ -22,6 +22,7 @@ deep stem (52 for ResNet-50-D), and equals `layers` otherwise.
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 
 from resnet_flax import blocks, models
 
+_BASE_CONFIG = Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
 _STAGE = re.compile(r'^stage(\d+)_block(\d+)$')
 
 
@@ -180,9 +182,15 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags  # the CLI's dependencies stay out of the library import
 
     flag_values = flags.FLAGS
+    if not flag_values['verbosity'].present:
+        from resnet_flax import cli
+
+        cli.quiet_logs()
     targets: list[tuple[str, models.ResNet, int | None]] = []
     config = flag_values.config
     overrides: dict[str, Any] = {}
+    if config is not None and models.plain_zero_init_note(config.model):
+        print(models.plain_zero_init_note(config.model), file=sys.stderr)
     if flag_values['config'].present:
         image_size = flag_values.image_size or config.data.get('image_size')
         targets.append((flag_values['config'].config_filename, models.from_config(config.model),
@@ -212,7 +220,7 @@ def _define_flags() -> None:
     from ml_collections import config_flags
 
     # configs/base.py by default, so that --config.model.X=... can change a named model.
-    base = Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
+    base = _BASE_CONFIG
     config_flags.DEFINE_config_file('config', str(base) if base.exists() else None,
                                     'An experiment config file (its model).')
     flags.DEFINE_integer('image_size', None, 'Input size; default: the config, or 224 (32 CIFAR).')
@@ -221,7 +229,10 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
-    from absl import app
+    from resnet_flax import cli
 
+    # Before the flags are defined: a config flag with a default reads its overrides then.
+    cli.check_config_path(sys.argv)
+    cli.check_config_overrides(sys.argv, _BASE_CONFIG)
     _define_flags()
-    app.run(main)
+    cli.run(main, default_config=_BASE_CONFIG)

@@ -1,7 +1,11 @@
 """Ablation sweeps: train a grid of config variants, then tabulate and plot their results.
 
     python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR
+    python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR --parallel=8
+    python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR \
+        --launcher=slurm --slurm.partition=gpu --slurm.gpus_per_node=8
     python -m resnet_flax.sweep --sweep=configs/ablations/depth.py --workdir=DIR --print-commands
+    python -m resnet_flax.sweep --status --workdir=DIR
     python -m resnet_flax.sweep --report --workdir=DIR
 
 Run from the repository root (train.py lives there). A sweep file is an experiment config whose
@@ -14,13 +18,17 @@ Run from the repository root (train.py lives there). A sweep file is an experime
 - `seeds`: the seeds every variant trains with (default: the config's seed).
 
 Each (variant, seed) trains in `DIR/VARIANT/seedS` with `train.py --config=SWEEP_FILE
---config.KEY=VALUE ...`, one after another as subprocesses (the same commands that
-`--print-commands` gives a cluster scheduler). A run whose final step's eval is in its
-metrics.jsonl is skipped; any other resumes from its newest checkpoint (train.py does that).
+--config.KEY=VALUE ...` (the commands that `--print-commands` prints): here, one after another
+or `--parallel=N` at once (sweep_launch.run_local), or as SLURM jobs through submitit
+(`--launcher=slurm`, one job array; sweep_launch.submit), each run by a sweep_job.TrainJob. A
+run whose final step's eval is in its metrics.jsonl is skipped, and so is one already queued or
+running, or one that failed `--max_failures` times; any other resumes from its newest
+checkpoint (train.py does that). `--status` prints where each run stands (sweep_status).
 `--config.KEY=VALUE` flags change every variant (e.g. `--config.data.dataset=cifar10`); they
 may not touch a key the sweep varies. `--config.seeds=(0,1,2)` changes the seeds (finished runs
 of the other seeds are kept). Each run's output goes to its `train.log`, its wall time
-(start-up and compilation included, summed over attempts) to its `sweep_run.json`.
+(start-up and compilation included, summed over attempts), state and failures to its
+`sweep_run.json`, and its launcher and job id to its `sweep_job.json`.
 
 `--report` reads every run's config.json and metrics.jsonl and writes, in DIR: `results.md`
 (Markdown table: final eval top-1, top-5 and loss, the last train-loss window, params, MACs,
@@ -44,9 +52,7 @@ import json
 import re
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,12 +61,12 @@ import ml_collections
 from etils import epath
 
 from resnet_flax import metrics as metrics_lib
-from resnet_flax import run_config as run_config_lib
+from resnet_flax import sweep_job, sweep_launch, sweep_status
 
 SWEEP_FIELDS = ('axes', 'seeds')  # a sweep file's fields that are not training config
 SWEEP_FILE = 'sweep.json'  # in DIR: the variants and seeds, so --report needs no --sweep
-RUN_FILE = 'sweep_run.json'  # in each run's workdir: command, attempts, wall time
-LOG_FILE = 'train.log'
+RUN_FILE = sweep_job.RUN_FILE  # in each run's workdir: attempts, wall time, state, failures
+LOG_FILE = sweep_job.LOG_FILE
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / 'train.py'
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.,=+-]*$')
 
@@ -245,19 +251,11 @@ def _latest_by_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def is_finished(workdir: epath.PathLike, last_step: int) -> bool:
-    return any(r['step'] == last_step for r in metrics_lib.read_metrics(workdir, 'eval'))
-
-
-def _read_json(path: epath.Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def write_sweep_file(workdir: epath.PathLike, sweep_file: str, runs: Sequence[Run],
                      overrides: Mapping[str, Any]) -> None:
     """DIR/sweep.json: what --report gathers, in order (merged with earlier --variants runs)."""
     path = epath.Path(workdir) / SWEEP_FILE
-    known = _read_json(path)
+    known = sweep_job.read_json(path)
     listed = {v['name']: v for v in known.get('variants', [])}
     for run in runs:
         listed[run.variant.name] = dict(name=run.variant.name, overrides=run.variant.overrides)
@@ -268,62 +266,82 @@ def write_sweep_file(workdir: epath.PathLike, sweep_file: str, runs: Sequence[Ru
                                indent=1, default=list) + '\n')
 
 
-def execute(run: Run, argv: list[str], last_step: int) -> int:
-    """Trains one run as a subprocess, appending to its train.log; returns the exit status."""
-    run.workdir.mkdir(parents=True, exist_ok=True)
-    status_path = run.workdir / RUN_FILE
-    status = _read_json(status_path)
-    start, returncode = time.time(), None
-    try:
-        with (run.workdir / LOG_FILE).open('a') as log:
-            log.write(f'$ {shlex.join(argv)}\n')
-            log.flush()
-            returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
-    finally:  # an interrupted attempt (Ctrl-C) still counts its time
-        status.update(
-            command=shlex.join(argv),
-            attempts=status.get('attempts', 0) + 1,
-            wall_time_sec=status.get('wall_time_sec', 0.0) + time.time() - start,
-            returncode=returncode,
-            finished=is_finished(run.workdir, last_step),
-        )
-        status_path.write_text(json.dumps(status, indent=1) + '\n')
-    return returncode
+def make_job(sweep: ml_collections.ConfigDict, sweep_file: str, run: Run,
+             overrides: Mapping[str, Any], launcher: str, max_failures: int,
+             stop_timeout_s: float = 60.0) -> sweep_job.TrainJob:
+    """The job that trains `run` (submitit jobs retry a failed train.py in place)."""
+    return sweep_job.TrainJob(
+        argv=command(sweep_file, run, overrides, python=sys.executable, script=str(TRAIN_SCRIPT)),
+        workdir=str(run.workdir), last_step=final_step(run_config(sweep, run, overrides)),
+        max_failures=max_failures, retry=launcher != 'local', stop_timeout_s=stop_timeout_s)
+
+
+def triage(runs: Sequence[Run], jobs: Sequence[sweep_job.TrainJob],
+           max_failures: int) -> tuple[list[int], list[str]]:
+    """Which runs to launch (their indices), and a line for each one left alone: finished,
+    already queued or running, or failed `max_failures` times."""
+    slurm = sweep_status.slurm_states(sorted(
+        {j['job_id'] for j in map(sweep_launch.read_job_record, (r.workdir for r in runs))
+         if j.get('launcher') == 'slurm'}))
+    launch, notes = [], []
+    for i, (run, job) in enumerate(zip(runs, jobs, strict=True)):
+        head = f'[{i + 1}/{len(runs)}] {run.label}'
+        status = sweep_status.run_status(run, slurm, job.last_step)
+        failures = sweep_job.read_json(run.workdir / RUN_FILE).get('failures', 0)
+        if status.state == 'done':
+            notes.append(f'{head}: finished (eval at step {job.last_step}), skipped')
+        elif status.state in sweep_status.LIVE:
+            notes.append(f'{head}: already {status.state} (job {status.job_id}), skipped')
+        elif failures >= max_failures:
+            notes.append(f'{head}: failed {failures} times, the limit (--max_failures='
+                         f'{max_failures}), skipped; last: {status.note}. Fix the cause, then '
+                         f'run again with --max_failures={failures + 1}')
+        else:
+            launch.append(i)
+    return launch, notes
+
+
+def _start_line(run: Run, job: sweep_job.TrainJob) -> str:
+    logged = metrics_lib.read_metrics(run.workdir) if run.workdir.exists() else []
+    resumed = f', resuming after step {logged[-1]["step"]}' if logged else ''
+    return f'{run.label}: training to step {job.last_step}{resumed} (log: {job.log_path()})'
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: epath.PathLike,
-              overrides: Mapping[str, Any] | None = None,
-              only: Sequence[str] | None = None) -> list[Run]:
-    """Trains every unfinished run, one after another; returns the runs that failed."""
+              overrides: Mapping[str, Any] | None = None, only: Sequence[str] | None = None,
+              launcher: str = 'local', parallel: int = 1,
+              slurm: ml_collections.ConfigDict | None = None,
+              max_failures: int = 3) -> list[Run]:
+    """Launches every run that is not finished, queued, running or out of failures: here
+    (`parallel` at once), or as submitit jobs. Returns the runs that failed here."""
+    if launcher not in sweep_launch.LAUNCHERS:
+        raise ValueError(f'--launcher={launcher!r}; choose one of '
+                         f'{", ".join(sweep_launch.LAUNCHERS)}')
     if not TRAIN_SCRIPT.exists():
         raise FileNotFoundError(f'{TRAIN_SCRIPT} not found; run the sweep from a source checkout')
     overrides = dict(overrides or {})
     check_overrides(sweep, overrides)
+    slurm = slurm if slurm is not None else sweep_launch.slurm_defaults()
     runs = plan(sweep, workdir, only)
+    stop_timeout_s = max(10.0, 0.75 * slurm.signal_delay_s)
+    jobs = [make_job(sweep, sweep_file, run, overrides, launcher, max_failures, stop_timeout_s)
+            for run in runs]
     write_sweep_file(workdir, sweep_file, runs, overrides)
-    failed = []
-    for i, run in enumerate(runs, start=1):
-        last_step = final_step(run_config(sweep, run, overrides))
-        head = f'[{i}/{len(runs)}] {run.label}'
-        if is_finished(run.workdir, last_step):
-            print(f'{head}: finished (eval at step {last_step}), skipped', flush=True)
-            continue
-        logged = metrics_lib.read_metrics(run.workdir)
-        resumed = f', resuming after step {logged[-1]["step"]}' if logged else ''
-        print(f'{head}: training to step {last_step}{resumed} (log: {run.workdir / LOG_FILE})',
-              flush=True)
-        argv = command(sweep_file, run, overrides, python=sys.executable, script=str(TRAIN_SCRIPT))
-        start = time.time()
-        returncode = execute(run, argv, last_step)
-        final = [r for r in metrics_lib.read_metrics(run.workdir, 'eval') if r['step'] == last_step]
-        if returncode == 0 and final:
-            print(f'{head}: done in {time.time() - start:.0f} s, eval top-1 '
-                  f'{100 * final[-1]["top1"]:.2f}%', flush=True)
-        else:
-            failed.append(run)
-            print(f'{head}: FAILED (exit status {returncode}); see {run.workdir / LOG_FILE}',
-                  flush=True)
-    return failed
+    chosen, notes = triage(runs, jobs, max_failures)
+    for note in notes:
+        print(note, flush=True)
+    items = [(runs[i], jobs[i]) for i in chosen]
+    if not items:
+        return []
+    if launcher == 'local':
+        return sweep_launch.run_local(items, parallel, started=_start_line,
+                                      report=lambda line: print(line, flush=True))
+    executor = sweep_launch.make_executor(launcher, epath.Path(workdir), slurm,
+                                          name=f'sweep-{epath.Path(workdir).name}')
+    job_ids = sweep_launch.submit(executor, launcher, items)
+    for (run, job), job_id in zip(items, job_ids, strict=True):
+        print(f'{run.label}: submitted as job {job_id} (log: {job.log_path()})', flush=True)
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +350,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: epath.
 
 def _discover(workdir: epath.Path) -> tuple[list[Variant], list[int]]:
     """Variants and seeds from DIR/sweep.json, or from the run directories found in DIR."""
-    known = _read_json(workdir / SWEEP_FILE)
+    known = sweep_job.read_json(workdir / SWEEP_FILE)
     if known:
         return ([Variant(v['name'], v['overrides']) for v in known['variants']],
                 [int(s) for s in known['seeds']])
@@ -340,6 +358,26 @@ def _discover(workdir: epath.Path) -> tuple[list[Variant], list[int]]:
     names = sorted({d.parent.name for d in run_dirs})
     seed_list = sorted({int(d.name[len('seed'):]) for d in run_dirs if d.name[4:].isdigit()})
     return [Variant(n, {}) for n in names], seed_list
+
+
+def _last_step_of(run: Run) -> int | None:
+    """The final step of a run, from the config.json it trained with (None before it starts)."""
+    from resnet_flax import run_config as run_config_lib  # flax and jax: only when needed
+
+    path = run.workdir / 'config.json'
+    if not path.exists():
+        return None
+    return final_step(run_config_lib.with_defaults(json.loads(path.read_text())))
+
+
+def discovered_runs(workdir: epath.PathLike) -> list[Run]:
+    """The runs of the sweep in `workdir` (from its sweep.json, or its run directories)."""
+    workdir = epath.Path(workdir)
+    variant_list, seed_list = _discover(workdir)
+    if not variant_list:
+        raise FileNotFoundError(f'no sweep in {workdir} (no sweep.json, no run directories); '
+                                'give --sweep=FILE, or the --workdir a sweep was started in')
+    return [Run(v, s, workdir / v.name / f'seed{s}') for v in variant_list for s in seed_list]
 
 
 def _model_cost(config: Mapping[str, Any]) -> tuple[int, int]:
@@ -352,6 +390,8 @@ def _model_cost(config: Mapping[str, Any]) -> tuple[int, int]:
 
 def gather_run(run: Run) -> dict[str, Any] | None:
     """One run's final metrics and curves, or None if it has not written its config yet."""
+    from resnet_flax import run_config as run_config_lib  # flax and jax: only when needed
+
     config_path = run.workdir / 'config.json'
     if not config_path.exists():
         return None
@@ -361,7 +401,7 @@ def gather_run(run: Run) -> dict[str, Any] | None:
     evals = _latest_by_step(metrics_lib.read_metrics(run.workdir, 'eval'))
     final = next((r for r in evals if r['step'] == last_step), None)
     speeds = [r['images_per_sec'] for r in train if 'images_per_sec' in r]
-    status = _read_json(run.workdir / RUN_FILE)
+    status = sweep_job.read_json(run.workdir / RUN_FILE)
     return dict(
         variant=run.variant.name, seed=run.seed, workdir=str(run.workdir), config=config,
         final_step=last_step, step=evals[-1]['step'] if evals else 0, finished=final is not None,
@@ -596,7 +636,7 @@ def report(workdir: epath.PathLike, variant_list: Sequence[Variant] | None = Non
     if not rows:
         raise FileNotFoundError(f'no finished runs under {workdir}; run the sweep first')
 
-    sweep_file = _read_json(workdir / SWEEP_FILE).get('sweep', str(workdir))
+    sweep_file = sweep_job.read_json(workdir / SWEEP_FILE).get('sweep', str(workdir))
     seeds_note = (f"mean ± sample std over {max(r['seeds'] for r in rows)} seeds"
                   if max(r['seeds'] for r in rows) > 1 else 'one seed')
     text = [f'# Sweep results: {sweep_file}', '',
@@ -644,6 +684,18 @@ def _define_flags() -> None:
     flags.DEFINE_bool('print-commands', False, 'Print one train.py command per run and exit.')
     flags.DEFINE_bool('report', False, 'Gather results.md, results.csv and plots in --workdir.')
     flags.DEFINE_list('variants', None, 'Only these variants (names); default: all.')
+    flags.DEFINE_bool('status', False, 'Print where each run stands (state, step, top-1, job, '
+                      'log) and exit.')
+    flags.DEFINE_enum('launcher', 'local', sweep_launch.LAUNCHERS,
+                      'local: train here (see --parallel); slurm: one SLURM job per run through '
+                      'submitit (see --slurm.*); submitit-local: the slurm path on this machine, '
+                      'in submitit subprocesses (trials and tests).')
+    flags.DEFINE_integer('parallel', 1, 'local: runs at once, each with its share of the GPUs.')
+    flags.DEFINE_integer('max_failures', 3, 'A run whose train.py failed this many times is not '
+                         'tried again (submitit jobs retry in place until then).')
+    config_flags.DEFINE_config_dict('slurm', sweep_launch.slurm_defaults(),
+                                    '--launcher=slurm: --slurm.partition=..., --slurm.nodes=..., '
+                                    'see sweep_launch.slurm_defaults.')
     flags.mark_flag_as_required('workdir')
 
 
@@ -663,6 +715,11 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError(f'unexpected arguments {list(argv[1:])}; see --help')
     flag_values = flags.FLAGS
     sweep = flag_values.config
+    if flag_values.status:
+        runs = (plan(sweep, flag_values.workdir, flag_values.variants) if sweep is not None
+                else discovered_runs(flag_values.workdir))
+        print(sweep_status.format_status(sweep_status.sweep_status(runs, _last_step_of)))
+        return
     if flag_values.report:
         result = report(flag_values.workdir, variants(sweep) if sweep is not None else None,
                         seeds(sweep) if sweep is not None else None)
@@ -682,17 +739,25 @@ def main(argv: Sequence[str]) -> None:
         for run in runs:
             print(shlex.join(command(sweep_file, run, overrides)))
         return
-    failed = run_sweep(sweep, sweep_file, flag_values.workdir, overrides, flag_values.variants)
+    launcher = flag_values.launcher
+    failed = run_sweep(sweep, sweep_file, flag_values.workdir, overrides, flag_values.variants,
+                       launcher=launcher, parallel=flag_values.parallel,
+                       slurm=flag_values.slurm, max_failures=flag_values.max_failures)
+    follow = f'--workdir={flag_values.workdir}'
     if failed:
         raise RuntimeError(f'{len(failed)} run(s) failed: {", ".join(r.label for r in failed)}; '
                            'see their train.log, then run the same command to resume')
-    print(f'All runs finished; gather them with: python -m resnet_flax.sweep --report '
-          f'--workdir={flag_values.workdir}', flush=True)
+    if launcher != 'local':
+        print(f'Follow the runs with: python -m resnet_flax.sweep --status {follow}', flush=True)
+        return
+    print(f'All runs finished; gather them with: python -m resnet_flax.sweep --report {follow}',
+          flush=True)
 
 
 if __name__ == '__main__':
     from resnet_flax import cli
 
-    _define_flags()
     sys.argv = normalize_argv(sys.argv)
+    sweep_launch.check_slurm_flags(sys.argv)  # before the flag is defined: it parses sys.argv
+    _define_flags()
     cli.run(main)

@@ -30,6 +30,7 @@ from resnet_flax import (
     input_wait,
     models,
     optim,
+    peer_watch,
     precision,
     run_config,
     sharding,
@@ -213,7 +214,7 @@ def _workdir_locked(workdir: epath.Path):
     if refused is not None:
         raise refused
     try:
-        yield
+        yield lock
     except BaseException:
         with contextlib.suppress(OSError):  # storage still down: the error that stopped the
             lock.release()  # run is the one to report; a dead run's lock is taken over
@@ -248,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for note in notes:
             print(note, file=sys.stderr, flush=True)
     _make_workdir(workdir)
-    with _workdir_locked(workdir):
+    # With several processes, the death of one stops the others within seconds, in one line.
+    with _workdir_locked(workdir) as lock, peer_watch.watching(before_exit=lock.release):
         return _train_and_evaluate(config, workdir, info)
 
 
@@ -295,8 +297,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 
 def _restore_or_init(config, parts: StepParts, manager, info):
-    """The newest checkpoint if there is one, else fresh (or fine-tuning) weights."""
-    state = checkpoint.restore_latest(manager, parts.target, model_config=config.model)
+    """The newest checkpoint that restores, else fresh (or fine-tuning) weights. A workdir
+    whose checkpoints all fail to restore stops the run (checkpoint.CheckpointRestoreError)
+    unless config.checkpoint_fallback='scratch' says to move them aside and start over."""
+    try:
+        state = checkpoint.restore_latest(manager, parts.target, model_config=config.model,
+                                          fallback=config.get('checkpoint_fallback', 'one'))
+    except BaseException:
+        manager.close()  # else its threads print tracebacks at exit, under the one-line error
+        raise
     if state is None:
         state = create_train_state(parts.model, parts.optimizer, jax.random.PRNGKey(config.seed),
                                    info.image_shape, parts.use_ema, parts.mesh)
@@ -427,7 +436,7 @@ def _report_complete(run: _Run) -> dict[str, Any]:
                        f'{run.schedule.total_steps}. To train longer, raise num_epochs or '
                        'num_train_steps with --config.allow_config_change=True.')
     run.progress.write('Final ' + _format_eval(run.step, run.eval_metrics))
-    return _final_summary(run)
+    return _final_summary(run, trained=False)
 
 
 def _loop(run: _Run) -> bool:
@@ -526,12 +535,15 @@ def _close(run: _Run) -> None:
         run.profiler.close()
 
 
-def _final_summary(run: _Run) -> dict[str, Any]:
+def _final_summary(run: _Run, trained: bool = True) -> dict[str, Any]:
+    """The run's final numbers; the wall time only of a run that trained now (a finished run
+    re-run has none: its training time is not recorded)."""
     summary = {
         'step': run.step,
         **{f'eval_{k}': v for k, v in run.eval_metrics.items()},
         'train_loss': run.train_summary.get('loss'),
-        'wall_time_sec': time.time() - run.run_start,
+        **({'wall_time_sec': time.time() - run.run_start} if trained else
+           {'already_complete': True}),
     }
     if jax.process_index() == 0:
         print('Done: ' + ', '.join(f'{k}={_short(v)}' for k, v in summary.items()), flush=True)

@@ -10,6 +10,13 @@ warning, when
 - or its heartbeat is older than `stale_after_seconds` (a holder on another host that died).
 A lock that is neither refuses the run with one line naming the holder.
 
+Each heartbeat first reads the lock back. If it no longer names this run (another run took it
+over, or it was deleted), the heartbeat stops touching it and the run stops with one line
+(`WorkdirLockLostError`, raised in the main thread), so two runs never keep writing the same
+checkpoints. The main thread is told through `_thread.interrupt_main(LOST_SIGNAL)`: a Python
+handler for that signal is installed while the lock is held; it raises only when the lock was
+lost, and passes a real signal on to whatever handled it before.
+
 On gs:// (and other object stores) there is no exclusive create: the lock is check-then-write,
 so two runs started within the same second on a stale lock could both proceed. It still stops
 the common mistake (starting a second run on a live workdir), and heartbeats use the object's
@@ -18,12 +25,15 @@ update time, so the timeout rule applies unchanged.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from absl import logging
@@ -37,8 +47,16 @@ STALE_AFTER_SECONDS = 300.0
 UNWRITTEN_GRACE_SECONDS = 10.0
 
 
+# Not SIGUSR1: SLURM's --signal and some profilers send that one.
+LOST_SIGNAL = signal.SIGUSR2
+
+
 class WorkdirLockedError(RuntimeError):
     """Another live run holds the workdir."""
+
+
+class WorkdirLockLostError(RuntimeError):
+    """The lock this run held was taken over by another run, or deleted."""
 
 
 def _proc_stat(pid: int) -> list[str]:
@@ -103,11 +121,15 @@ class WorkdirLock:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         started = _process_start_time(self.pid)
+        # The token tells this lock from a later one of the same process (a takeover there).
         self.record = {'host': self.host, 'pid_namespace': _pid_namespace(), 'pid': self.pid,
-                       'started': started if started is not None else time.time()}
+                       'started': started if started is not None else time.time(),
+                       'token': uuid.uuid4().hex}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.held = False
+        self.lost = ''  # why, once the lock no longer names this run
+        self._previous_handler = None
 
     # ---- Taking and giving back.
 
@@ -116,6 +138,7 @@ class WorkdirLock:
         for _ in range(3):  # a retry only when another run changed the lock meanwhile
             if self._create():
                 self.held = True
+                self._watch_for_loss()
                 self._thread = threading.Thread(target=self._beat, name='workdir-lock',
                                                 daemon=True)
                 self._thread.start()
@@ -137,6 +160,7 @@ class WorkdirLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._stop_watching()
         if self.held:
             self.held = False
             holder, _ = self._read()
@@ -220,13 +244,16 @@ class WorkdirLock:
         aside.unlink(missing_ok=True)
         return True
 
-    def _describe_live(self, holder: dict[str, Any] | None, age: float) -> str:
+    @staticmethod
+    def _describe_holder(holder: dict[str, Any] | None) -> str:
         if holder is None:
-            who = 'a run that is still writing the lock'
-        else:
-            started = time.strftime('%Y-%m-%d %H:%M:%S',
-                                    time.localtime(float(holder.get('started', 0))))
-            who = f"pid {holder.get('pid')} on host {holder.get('host')}, started {started}"
+            return 'a run that is still writing the lock'
+        started = time.strftime('%Y-%m-%d %H:%M:%S',
+                                time.localtime(float(holder.get('started', 0))))
+        return f"pid {holder.get('pid')} on host {holder.get('host')}, started {started}"
+
+    def _describe_live(self, holder: dict[str, Any] | None, age: float) -> str:
+        who = self._describe_holder(holder)
         return (f'Workdir {self.path.parent} is in use by another run ({who}; heartbeat '
                 f'{age:.0f} s ago); stop that run, use another --workdir, or delete {self.path} '
                 'if that run is gone.')
@@ -234,9 +261,51 @@ class WorkdirLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
             try:
+                holder, age = self._read()
+                if holder != self.record:
+                    self._lose(holder, age)
+                    return
                 if _is_local(self.path):
                     os.utime(self.path)
                 else:
                     self.path.write_text(json.dumps(self.record))
             except OSError as error:  # a missed beat is not worth crashing the run for
                 logging.warning('Could not refresh %s: %s', self.path, error)
+
+    # ---- Losing the lock: stop the run, never touch the new holder's lock.
+
+    def _lose(self, holder: dict[str, Any] | None, age: float | None) -> None:
+        self.held = False  # it is not ours to refresh or delete any more
+        if holder is None and age is None:
+            what = f'{self.path} was deleted'
+        else:
+            what = f'another run took it over ({self._describe_holder(holder)})'
+        self.lost = (f'Lost the lock on workdir {self.path.parent}: {what}; stopped, so that two '
+                     'runs never write the same checkpoints. If that run should not be there, '
+                     'stop it and run the same command to resume.')
+        logging.error('%s', self.lost)
+        if self._previous_handler is not None:
+            _thread.interrupt_main(LOST_SIGNAL)
+
+    def _watch_for_loss(self) -> None:
+        """Installs the handler that stops the main thread (only the main thread can)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(LOST_SIGNAL, self._on_signal)
+
+    def _stop_watching(self) -> None:
+        # Only the main thread may set handlers; a release from another thread (a process
+        # about to exit) leaves ours, which raises nothing once the lock is not held.
+        if (self._previous_handler is not None
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(LOST_SIGNAL, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.lost:
+            raise WorkdirLockLostError(self.lost)
+        previous = self._previous_handler  # a real signal from outside: as before
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)

@@ -116,4 +116,5 @@ def test_a_folder_without_eval_images_and_a_too_large_batch_are_one_error(tmp_pa
     config.optimizer.warmup_steps = 1
     adapted, info, notes = config_checks.resolve(config)
     assert (info.num_train_examples, info.num_eval_examples) == (3, 3)
-    assert adapted.model.num_classes == 3 and len(notes) == 1
+    assert adapted.model.num_classes == 3 and len(notes) == 2
+    assert notes[1].startswith('data recipe:')  # the crops for its images' size

@@ -1,4 +1,5 @@
-"""The im2col convolution (resnet_flax/conv.py) is XLA's convolution, values and gradients."""
+"""The GEMM convolution (resnet_flax/conv.py) is XLA's convolution, values and gradients, and
+takes the GEMM path where `model.conv_impl` says it does."""
 
 from __future__ import annotations
 
@@ -13,32 +14,54 @@ from resnet_flax import conv, models
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-@pytest.mark.parametrize('kernel, stride, pad, size, channels', [
-    (3, 1, 1, 6, 5),   # a basic block's 3x3
-    (3, 2, 1, 7, 4),   # strided, odd size (the last row and column are not reached)
-    (1, 2, 0, 6, 3),   # a projection shortcut
-    pytest.param(7, 2, 3, 9, 3, marks=pytest.mark.slow),  # the ImageNet stem (9 s here)
-    (3, 1, 1, 1, 8),   # a 1x1 feature map, where XLA:CPU's conv is slowest
-])
-def test_im2col_matches_xla_convolution_and_its_gradients(kernel, stride, pad, size, channels):
+def _convs_in(fn, *args) -> int:
+    """How many XLA convolutions the traced function holds (nested jaxprs included)."""
+    return str(jax.make_jaxpr(fn)(*args)).count('conv_general_dilated')
+
+
+def _check_against_xla(kernel, stride, pads, size, channels, fn=conv.conv_general_dilated):
     rng = np.random.default_rng(0)  # NumPy: XLA:CPU compiles some 4-D jax.random draws slowly
     x = jnp.asarray(rng.standard_normal((2, size, size, channels), np.float32))
     w = jnp.asarray(rng.standard_normal((kernel, kernel, channels, 6), np.float32))
-    pads = ((pad, pad), (pad, pad))
-    cotangent = jnp.asarray(rng.standard_normal(2 * size * size * 6, np.float32))
+    cotangent = jnp.asarray(rng.standard_normal(2 * (size + 2) ** 2 * 6, np.float32))
 
-    def loss(fn, x, w):
-        y = fn(x, w, (stride, stride), pads, dimension_numbers=NHWC)
+    def loss(conv_fn, x, w):
+        y = conv_fn(x, w, (stride, stride), pads, dimension_numbers=NHWC)
         return jnp.sum(y * cotangent[:y.size].reshape(y.shape)), y
 
-    (_, want), want_grads = jax.value_and_grad(
-        lambda x, w: loss(lax.conv_general_dilated, x, w), (0, 1), has_aux=True)(x, w)
-    (_, got), got_grads = jax.value_and_grad(
-        lambda x, w: loss(conv.conv_general_dilated, x, w), (0, 1), has_aux=True)(x, w)
+    def value_and_grads(conv_fn):
+        return jax.value_and_grad(lambda x, w: loss(conv_fn, x, w), (0, 1), has_aux=True)
+
+    (_, want), want_grads = value_and_grads(lax.conv_general_dilated)(x, w)
+    (_, got), got_grads = value_and_grads(fn)(x, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     for g, w_ in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-4)
+    return _convs_in(value_and_grads(fn), x, w)
+
+
+@pytest.mark.parametrize('kernel, stride, pad, size, channels', [
+    (3, 1, 1, 6, 5),   # a basic block's 3x3
+    (3, 2, 1, 7, 4),   # strided, odd size (the last row and column are not reached)
+    pytest.param(7, 2, 3, 9, 3, marks=pytest.mark.slow),  # the ImageNet stem (9 s here)
+    (3, 1, 1, 1, 8),   # a 1x1 feature map, where XLA:CPU's conv is slowest
+])
+def test_im2col_matches_xla_convolution_and_its_gradients(kernel, stride, pad, size, channels):
+    assert _check_against_xla(kernel, stride, ((pad, pad), (pad, pad)), size, channels) == 0
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0)), ((1, 0), (0, 1))])
+def test_1x1_conv_is_a_matrix_product_for_every_padding_spelling(stride, padding):
+    # flax passes padding='SAME' as a string for its default; an odd size leaves a strided 1x1
+    # conv's last row unread, and the explicit pairs pad with zeros first.
+    assert _check_against_xla(1, stride, padding, 5, 3) == 0
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'SAME_LOWER'])
+def test_string_padding_of_a_3x3_conv_is_resolved_as_lax_resolves_it(padding):
+    assert _check_against_xla(3, 2, padding, 6, 3) == 0  # even size: SAME pads (0, 1)
 
 
 def test_unsupported_convolutions_go_to_xla_unchanged():
@@ -49,6 +72,42 @@ def test_unsupported_convolutions_go_to_xla_unchanged():
     want = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
                                     feature_group_count=2)
     np.testing.assert_array_equal(got, want)
+
+
+def test_auto_keeps_a_layer_on_xla_when_its_patches_exceed_the_budget():
+    x = jnp.zeros((2, 10, 10, 64), jnp.float32)
+    w = jnp.zeros((3, 3, 64, 8), jnp.float32)
+    patch_mib = 2 * 10 * 10 * 9 * 64 * 4 / 2**20  # batch x output pixels x kh*kw*C_in floats
+    fits = conv.conv_function('auto', im2col_max_mib=patch_mib)
+    too_big = conv.conv_function('auto', im2col_max_mib=0.999 * patch_mib)
+    call = lambda fn: (lambda x, w: fn(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))
+    assert _convs_in(call(fits), x, w) == 0
+    assert _convs_in(call(too_big), x, w) == 1
+    assert _convs_in(call(conv.conv_function('im2col', 0.0)), x, w) == 0  # asked for: no budget
+    # A 1x1 conv makes no patches: a GEMM whatever the budget.
+    assert _convs_in(call(conv.conv_function('auto', 0.0)), x, w[:1, :1]) == 0
+
+
+def test_im2col_is_never_chosen_off_the_cpu_unasked(monkeypatch, caplog):
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert conv.conv_function('auto', 64.0) is None and conv.conv_function('xla', 64.0) is None
+    assert conv.conv_function('im2col', 64.0) is conv.conv_general_dilated
+    assert "model.conv_impl='im2col' on gpu" in caplog.text
+
+
+def _resnet50_convs(conv_impl: str, grad: bool) -> int:
+    model = models.create('resnet50', num_classes=10, conv_impl=conv_impl)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    apply = lambda v, x: jnp.sum(model.apply(v, x, train=False))
+    return _convs_in(jax.grad(apply) if grad else apply, variables, images)
+
+
+@pytest.mark.slow
+def test_every_resnet50_conv_takes_the_gemm_path():
+    assert _resnet50_convs('xla', grad=False) == 53  # 1 stem + 16 blocks x 3 + 4 projections
+    assert _resnet50_convs('im2col', grad=True) == 0  # forward and both gradients
+    assert _resnet50_convs('auto', grad=False) == 1  # on the CPU: all but the 3-channel stem
 
 
 @pytest.mark.slow
@@ -65,9 +124,9 @@ def test_conv_impl_selects_the_computation_not_the_result():
         convs[impl] = apply.lower(variables, images).as_text().count('stablehlo.convolution')
         if impl != 'auto':
             outputs[impl] = apply(variables, images)
-    # im2col: all but the two 1x1 projections, which flax pads 'SAME' (a string): XLA keeps them.
-    assert convs['xla'] == 7 and convs['im2col'] == 2
-    assert convs['auto'] == 6  # on the CPU, only stage 2's second conv has >= 64 inputs
+    assert convs['xla'] == 7 and convs['im2col'] == 0
+    # auto on the CPU: both 1x1 projections and stage 2's second 3x3 (64 inputs) as GEMMs.
+    assert convs['auto'] == 4
     np.testing.assert_allclose(outputs['im2col'], outputs['xla'], rtol=1e-4, atol=1e-4)
 
 

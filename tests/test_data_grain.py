@@ -3,6 +3,8 @@ store written by `resnet_flax.data.prepare`, and imagenet2012 prepared as ArrayR
 real TFDS builder."""
 
 import itertools
+import json
+import math
 import random
 import subprocess
 import sys
@@ -123,7 +125,7 @@ def test_eval_sees_every_example_once_over_two_processes(folder, global_batch):
 
 def test_eval_is_the_centre_crop_at_the_eval_size(folder):
     """Low-resolution training: train at 16, evaluate at 24, the centre 0.875 of the short side."""
-    cfg = folder_config(folder, eval_image_size=24, decoder='pil')
+    cfg = folder_config(folder, eval_image_size=24, decoder='pil', eval_crop='center')
     batch = next(data.eval_batches(cfg, global_batch_size=6))
     assert batch['image'].shape == (6, 24, 24, 3)
     path = grain_source.records(cfg, 'validation').paths[0]
@@ -260,6 +262,70 @@ def test_inception_box_stays_inside_and_covers_the_area_range():
         assert 0.07 * 500 * 375 <= width * height <= 500 * 375
 
 
+BOX_DRAWS = 3000
+INCEPTION = dict(area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3))
+
+
+def tf_data_boxes(shape, count):
+    """(left, top, width, height) [4, count] from the tf.data loader's own sampler
+    (preprocess.inception_window: tf.image.stateless_sample_distorted_bounding_box)."""
+    tf = pytest.importorskip('tensorflow')
+    from resnet_flax.data import preprocess
+
+    size = tf.constant([shape[1], shape[0]])
+
+    @tf.function
+    def draw(seeds):
+        return tf.map_fn(lambda seed: preprocess.inception_window(
+            size, seed, INCEPTION['area_range'], INCEPTION['aspect_range']),
+            seeds, fn_output_signature=tf.int32)
+
+    seeds = tf.stack([tf.range(count, dtype=tf.int64), tf.fill([count], tf.constant(
+        7, tf.int64))], axis=1)
+    top, left, height, width = draw(seeds).numpy().T
+    return np.stack([left, top, width, height])
+
+
+def grain_boxes(shape, count, sampler=None):
+    sampler = sampler or pil_preprocess.inception_box
+    return np.array([sampler(shape, random.Random(f'ks/{i}'), INCEPTION['area_range'],
+                             INCEPTION['aspect_range']) for i in range(count)]).T
+
+
+def torchvision_box(shape, rng, area_range, aspect_range):
+    """The grain loader's sampler before it followed TF's (torchvision's RandomResizedCrop:
+    uniform area, log-uniform aspect), kept to show the test below tells them apart."""
+    width, height = shape
+    for _ in range(10):
+        target = width * height * rng.uniform(*area_range)
+        aspect = math.exp(rng.uniform(math.log(aspect_range[0]), math.log(aspect_range[1])))
+        crop_w, crop_h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
+    return 0, 0, width, height
+
+
+def box_statistics(boxes, shape):
+    left, top, width, height = boxes
+    return {'area': width * height / (shape[0] * shape[1]), 'aspect': width / height,
+            'left': left / shape[0], 'top': top / shape[1]}
+
+
+@pytest.mark.parametrize('shape', [(500, 375), (1000, 120), (28, 28)])
+def test_both_loaders_draw_inception_crops_from_one_distribution(shape):
+    """A two-sample Kolmogorov-Smirnov test per box statistic, on 3,000 boxes from each
+    loader's sampler (fixed seeds, so the p-values are fixed too): the grain loader's must
+    be indistinguishable from tf.data's, and the torchvision-style sampler it had before
+    (mean area 0.43 against 0.37 on 500x375) must be told apart."""
+    stats = pytest.importorskip('scipy.stats')
+    reference = box_statistics(tf_data_boxes(shape, BOX_DRAWS), shape)
+    ours = box_statistics(grain_boxes(shape, BOX_DRAWS), shape)
+    before = box_statistics(grain_boxes(shape, BOX_DRAWS, torchvision_box), shape)
+    for name, values in reference.items():
+        assert stats.ks_2samp(values, ours[name]).pvalue > 0.01, name
+    assert stats.ks_2samp(reference['area'], before['area']).pvalue < 1e-6
+
+
 def test_cifar_pad_crop_shifts_in_black_borders():
     image = np.full((8, 8, 3), 200, np.uint8)
     crops = [pil_preprocess.pad_crop(image, random.Random(s), 4) for s in range(20)]
@@ -311,6 +377,58 @@ def test_dali_when_absent_is_a_one_line_error(folder):
         data.get_info(folder_config(folder, loader='dali'))
 
 
+def bomb_folder(root):
+    """A small folder plus one 1500x1500 PNG (a few KB): over PIL's decompression-bomb limit
+    once the test lowers Image.MAX_IMAGE_PIXELS to 1e6 (PIL refuses above twice the limit)."""
+    write_folder(root, per_class=4)
+    Image.new('RGB', (1500, 1500), (90, 30, 200)).save(root / 'class0' / 'huge.png')
+    return root
+
+
+def test_an_image_over_pils_bomb_limit_is_skipped_and_counted_when_indexed(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000_000)
+    cfg = folder_config(bomb_folder(tmp_path / 'folder'), holdout_fraction=0.0,
+                        eval_split='train')
+    info = data.get_info(cfg)
+    assert info.num_skipped_examples == 1 and info.num_train_examples == NUM_CLASSES * 4
+
+
+def test_an_image_that_fails_to_decode_in_the_loader_is_skipped_not_fatal(tmp_path,
+                                                                        monkeypatch):
+    """The index read the PNG's header under the default limit (as TFDS sets and stores are
+    never indexed); decoding then meets PIL's DecompressionBombError, which is no OSError.
+    Train batches take the next record in its place; eval masks it out."""
+    cfg = folder_config(bomb_folder(tmp_path / 'folder'), holdout_fraction=0.0,
+                        eval_split='train', train_crop='none', random_flip=False)
+    info = data.get_info(cfg)
+    total = NUM_CLASSES * 4 + 1
+    assert info.num_skipped_examples == 0 and info.num_train_examples == total
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000_000)
+    huge = grain_source.records(cfg, 'train').paths.index(str(tmp_path / 'folder' / 'class0' /
+                                                               'huge.png'))
+    batches = train(cfg, 2 * (total // 6) + 1, global_batch_size=6)
+    assert all(b['image'].shape == (6, 16, 16, 3) for b in batches)
+    assert ('train', huge) in grain_source._UNREADABLE  # noqa: SLF001 - what was logged
+    evaluated = take(data.eval_batches(cfg, global_batch_size=4), 99)
+    masks = np.concatenate([b['mask'] for b in evaluated])
+    assert masks.sum() == total - 1 and not masks[huge]
+
+
+def test_prepare_skips_and_counts_an_image_over_the_bomb_limit(tmp_path, monkeypatch):
+    root = bomb_folder(tmp_path / 'folder')
+    cfg_json = json.dumps({'dataset': 'image_folder', 'data_dir': str(root),
+                           'train_split': 'train', 'eval_split': 'validation',
+                           'holdout_fraction': 0.0})
+    assert prepare._split_size(cfg_json, 'train') == NUM_CLASSES * 4 + 1  # noqa: SLF001
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000_000)  # decoding now refuses it
+    info = prepare.prepare(cfg_json, ['train'], str(tmp_path / 'store'), max_side=32,
+                           quality=90, examples_per_shard=8, workers=1)
+    assert info.splits['train'].num_examples == NUM_CLASSES * 4
+    sidecars = sorted((tmp_path / 'store' / 'train').glob('*.json'))
+    assert sum(json.loads(p.read_text())['skipped'] for p in sidecars) == 1
+
+
 def test_prepare_round_trip_and_rerun_skips_written_shards(folder, tmp_path):
     cfg_json = prepare.json.dumps({'dataset': 'image_folder', 'data_dir': str(folder),
                                    'train_split': 'train', 'eval_split': 'validation',
@@ -341,6 +459,27 @@ def test_prepare_round_trip_and_rerun_skips_written_shards(folder, tmp_path):
     for image_bytes, _ in (grain_source.records(stored, 'train')[i] for i in range(18)):
         with Image.open(pil_preprocess.io.BytesIO(image_bytes)) as image:
             assert max(image.size) <= 32 and image.format == 'JPEG'
+
+
+@pytest.mark.parametrize('changed', [{'max_side': 24}, {'quality': 70}])
+def test_prepare_rerun_with_other_settings_is_refused_in_one_line(folder, tmp_path, changed):
+    """Reusing the finished shards would mix two sizes or qualities under one store.json."""
+    cfg_json = json.dumps({'dataset': 'image_folder', 'data_dir': str(folder),
+                           'train_split': 'train', 'eval_split': 'validation',
+                           'holdout_fraction': 0.25})
+    out = tmp_path / 'store'
+    first = dict(max_side=32, quality=90, examples_per_shard=8, workers=1)
+    prepare.prepare(cfg_json, ['train'], str(out), **first)
+    before = {p.name: p.read_bytes() for p in (out / 'train').iterdir()}
+    with pytest.raises(ValueError, match='one store cannot mix them') as error:
+        prepare.prepare(cfg_json, ['train', 'validation'], str(out), **{**first, **changed})
+    assert '\n' not in str(error.value) and f'delete {out}' in str(error.value)
+    assert {p.name: p.read_bytes() for p in (out / 'train').iterdir()} == before
+    assert not (out / 'validation').exists()
+    # The same settings add the other split, and store.json lists both runs' splits.
+    info = prepare.prepare(cfg_json, ['validation'], str(out), **first)
+    assert store.read_info(out) == info and sorted(info.splits) == ['train', 'validation']
+    assert info.image_side == 32  # 40-64 px originals shrunk to at most 32
 
 
 @pytest.mark.slow  # a fresh interpreter importing grain and jax: ~10 s on 2 cores

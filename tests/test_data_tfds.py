@@ -310,6 +310,9 @@ def test_config_checks_infer_classes_and_the_only_eval_split_from_the_builder(im
     # The builder's ClassLabel has all 1000 classes (the fixture's images use a few).
     assert (adapted.model.num_classes, adapted.data.eval_split) == (1000, 'validation')
     assert info.num_eval_examples == NUM_VAL
-    assert len(notes) == 2 and "evaluating on 'validation'" in notes[0]
+    assert len(notes) == 3 and "evaluating on 'validation'" in notes[0]
     assert 'has 1000 classes: using 1000' in notes[1]
+    # imagenet2012 declares no image size: the ImageNet recipe, said in the third line.
+    assert notes[2].startswith("data recipe: train_crop='inception', eval_crop='center': the "
+                               'ImageNet recipe for image size not declared')
     assert (config.model.num_classes, config.data.eval_split) == (10, 'test')  # a copy

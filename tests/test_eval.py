@@ -363,3 +363,53 @@ def test_init_from_another_architecture_names_the_first_mismatch(converted_1000)
     assert '\n' not in str(error.value)
     with pytest.raises(ValueError, match='has no EMA weights'):
         eval_checkpoint.evaluate_checkpoint(_small_digits_config(), str(out), use_ema=True)
+
+
+def test_workdir_that_is_a_file_is_named_as_a_file(tmp_path):
+    not_a_dir = tmp_path / 'run.txt'
+    not_a_dir.write_text('notes\n')
+    for call in (lambda: eval_checkpoint.saved_config(str(not_a_dir)),
+                 lambda: eval_checkpoint.run(tiny_config(), workdir=str(not_a_dir),
+                                             checkpoint=None, checkpoint_step='latest',
+                                             split=None, use_ema=False, images=[],
+                                             as_json=False)):
+        with pytest.raises(ValueError, match=f'--workdir={not_a_dir} is a file, not a train '
+                                             'workdir') as error:
+            call()
+        assert '\n' not in str(error.value)
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        eval_checkpoint.saved_config(str(tmp_path / 'absent'))
+
+
+@pytest.mark.slow
+def test_image_predictions_say_which_checkpoint_and_weights(trained, tmp_path, capsys):
+    from resnet_flax.data import digits
+
+    path = tmp_path / 'digit.png'
+    _digit_png(path, digits._split('test')[0][0])
+    for use_ema, weights_used in ((True, 'EMA weights'), (False, 'weights')):
+        eval_checkpoint.run(tiny_config(ema_decay=EMA_DECAY), workdir=str(trained),
+                            checkpoint=None, checkpoint_step='3', split=None, use_ema=use_ema,
+                            images=[str(path)], as_json=False)
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first == f"{trained / 'checkpoints' / '3'} (step 3, {weights_used})"
+
+
+def test_an_eval_pass_that_takes_a_while_shows_a_progress_bar(monkeypatch, capsys):
+    from resnet_flax import evaluate
+    from resnet_flax.state import init_variables
+
+    config = tiny_config(eval_batch_size=32)
+    model = models.from_config(config.model)
+    variables = init_variables(model, jax.random.PRNGKey(0), (16, 16, 3))
+    mesh = sharding.create_mesh()
+    eval_fn = evaluate.make_eval_fn(model, mesh,
+                                    device_augment.AugmentConfig.from_config(config))
+    monkeypatch.setattr(evaluate, 'EVAL_PROGRESS_DELAY_SEC', 1e9)  # no pass takes that long
+    quick = evaluate.evaluate(eval_fn, variables, config, mesh)
+    assert 'eval' not in capsys.readouterr().err  # shorter than the delay: nothing shown
+    monkeypatch.setattr(evaluate, 'EVAL_PROGRESS_DELAY_SEC', 0.0)  # every pass "takes a while"
+    shown = evaluate.evaluate(eval_fn, variables, config, mesh)
+    assert shown == quick
+    err = capsys.readouterr().err
+    assert "eval 'test', batches of 32: 0batch" in err and 'batch/s' in err

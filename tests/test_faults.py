@@ -435,6 +435,38 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_newest_good_one_resume
                                      'cases': damaged})
 
 
+def test_a_workdir_whose_checkpoints_all_fail_stops_and_starts_over_only_when_asked(
+        tmp_path, reference):
+    """Every step unreadable the same way (its state's manifest gone, as a changed orbax
+    layout or a wrong mount would show it): train.py stops in one line naming the steps and
+    the flag, moving nothing; with --config.checkpoint_fallback=scratch it moves them all
+    aside, trains from step 0 and ends where the reference ends."""
+    workdir = tmp_path / 'run'
+    shutil.copytree(reference.wait(), workdir)
+    steps = _committed_steps(workdir)
+    for step in steps:
+        (workdir / 'checkpoints' / str(step) / 'state' / 'manifest.ocdbt').unlink()
+    before = _files(workdir / 'checkpoints')
+    stopped = Run(workdir, tmp_path, 'stopped')
+    assert stopped.finish() == 1, stopped.stderr[-3000:]
+    line = stopped.last_line()
+    assert line.startswith('Error: No checkpoint in ') and 'nothing was moved' in line, line
+    assert f"steps {', '.join(str(s) for s in reversed(steps))} all fail the same way" in line
+    assert '--config.checkpoint_fallback=scratch' in line
+    assert 'Traceback' not in stopped.stderr and not stopped.train_steps()
+    assert _files(workdir / 'checkpoints') == before
+    assert not (workdir / checkpoint.QUARANTINE_DIR).exists()
+
+    fresh = Run(workdir, tmp_path, 'scratch', checkpoint_fallback='scratch')
+    assert fresh.finish() == 0, fresh.stderr[-3000:]
+    moved = sorted(int(p.name.split('-')[0])
+                   for p in (workdir / checkpoint.QUARANTINE_DIR).iterdir())
+    assert moved == steps and fresh.stdout.count('training from step 0') == len(steps)
+    assert fresh.train_steps() == list(range(1, TOTAL_STEPS + 1))
+    figures = _assert_matches_reference(workdir, reference)
+    _report(tmp_path, 'all_unreadable', {'steps': steps, 'stop_line': line[:200], **figures})
+
+
 # ---- (4) A NaN loss: a clear stop, the previous checkpoint intact.
 
 def test_nan_loss_stops_with_one_line_and_the_last_checkpoint_resumes_exactly(
@@ -535,6 +567,61 @@ def test_lock_from_another_host_is_stale_only_after_its_heartbeat_times_out(tmp_
             assert time.time() < deadline, 'no heartbeat'
             time.sleep(0.1)
     assert not lock.held and not path.exists()
+
+
+def _wait_for_loss(lock: workdir_lock.WorkdirLock, seconds: float = 20.0) -> None:
+    """Idles in the main thread, as the loop does between steps, until the lock is lost."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        time.sleep(0.05)
+    pytest.fail(f'still running {seconds} s after the lock was lost ({lock.lost!r})')
+
+
+def test_a_run_whose_lock_was_taken_over_stops_in_one_line_and_leaves_the_new_lock(tmp_path):
+    """A takeover (here by a second lock of this process, as a restart on this host that found
+    the lock stale would do): the old holder's next heartbeat notices, stops its run with one
+    line naming the new holder, and never rewrites or deletes the new holder's lock."""
+    kwargs = {'heartbeat_seconds': 0.2, 'stale_after_seconds': 1.0}
+    old = workdir_lock.WorkdirLock(tmp_path, **kwargs)
+    old.acquire()
+    new = workdir_lock.WorkdirLock(tmp_path, **kwargs)
+    try:
+        new.acquire()  # the old one's record names this pid: taken over as stale
+        started = time.time()
+        with pytest.raises(workdir_lock.WorkdirLockLostError) as lost:
+            _wait_for_loss(old)
+        seconds = time.time() - started
+        message = str(lost.value)
+        assert '\n' not in message and message.startswith(f'Lost the lock on workdir {tmp_path}')
+        assert f'another run took it over (pid {os.getpid()} on host' in message
+        assert seconds < 3 * kwargs['heartbeat_seconds'] + 1.0, seconds
+        old.release()
+        assert json.loads(Path(new.path).read_text()) == new.record  # untouched
+    finally:
+        old.release()
+        new.release()
+    assert not Path(new.path).exists()
+
+    deleted = workdir_lock.WorkdirLock(tmp_path, **kwargs)
+    deleted.acquire()
+    Path(deleted.path).unlink()
+    with pytest.raises(workdir_lock.WorkdirLockLostError, match='train.lock was deleted'):
+        _wait_for_loss(deleted)
+    deleted.release()
+    assert not Path(deleted.path).exists()  # not written back
+    _report(tmp_path, 'lock_lost', {'seconds_to_stop': round(seconds, 2)})
+
+
+def test_the_lost_lock_signal_still_reaches_the_handler_that_was_there(tmp_path):
+    received = []
+    previous = signal.signal(workdir_lock.LOST_SIGNAL, lambda signum, frame: received.append(1))
+    try:
+        with workdir_lock.WorkdirLock(tmp_path):
+            os.kill(os.getpid(), workdir_lock.LOST_SIGNAL)
+            time.sleep(0.1)
+        assert received == [1]
+    finally:
+        signal.signal(workdir_lock.LOST_SIGNAL, previous)
 
 
 # ---- Failing early and loading safely.

@@ -4,6 +4,7 @@ refusals, the train crops it feeds, and the one-line errors where it cannot be b
 
 import io
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -142,3 +143,62 @@ def test_where_it_cannot_build_auto_decodes_whole_images_and_the_name_says_why(
     with pytest.raises(ValueError, match=f"data.decoder='libjpeg_window': {says}") as error:
         pil_preprocess.resolve_window_decode('libjpeg_window')
     assert '\n' not in str(error.value)
+
+
+def _decodes_here() -> None:
+    """The decoder loaded by this process decodes a real JPEG as PIL's window says."""
+    encoded = encoded_jpeg()
+    window = jpeg_window.decode(encoded, (0, 0, 16, 16))
+    assert window is not None and window.shape == (16, 16, 3)
+
+
+@pytest.mark.usefixtures('built')
+@pytest.mark.parametrize('stale', ['truncated', 'another library'])
+def test_a_stale_or_foreign_library_at_the_cached_path_is_rebuilt(fresh_build, stale):
+    """What a home shared with another machine leaves there: bytes that do not load, or a
+    library without the decoder's function; the process rebuilds it once and goes on."""
+    path = jpeg_window._library_path()  # noqa: SLF001 - the path the cache would use
+    path.parent.mkdir(mode=0o700, parents=True)
+    if stale == 'truncated':
+        path.write_bytes(b'\x7fELF' + bytes(64))
+    else:
+        source = fresh_build / 'other.c'
+        source.write_text('int something_else(void) { return 1; }\n')
+        subprocess.run([*jpeg_window.compiler(), '-shared', '-fPIC', '-o', str(path),
+                        str(source)], check=True)
+    before = path.read_bytes()
+    _decodes_here()
+    assert path.read_bytes() != before
+
+
+@pytest.mark.usefixtures('built')
+def test_a_cached_file_others_can_write_is_rebuilt_before_loading(fresh_build):
+    path = jpeg_window.build()
+    path.write_bytes(b'replaced by someone else')
+    path.chmod(0o666)
+    assert jpeg_window.build() == path and path.read_bytes()[:4] == b'\x7fELF'
+    assert not path.stat().st_mode & 0o022
+
+
+@pytest.mark.parametrize('mode', [0o777, 0o775])
+def test_a_cache_folder_others_can_write_is_refused_in_one_line(fresh_build, mode):
+    folder = fresh_build / 'cache'
+    folder.mkdir()
+    folder.chmod(mode)
+    assert not jpeg_window.available()
+    assert pil_preprocess.resolve_window_decode('auto') is False
+    with pytest.raises(ValueError, match='others who can write it') as error:
+        pil_preprocess.resolve_window_decode('libjpeg_window')
+    assert '\n' not in str(error.value) and 'RESNET_FLAX_CACHE' in str(error.value)
+    assert not list(folder.iterdir())  # nothing built, nothing loaded from there
+
+
+@pytest.mark.usefixtures('built')
+@pytest.mark.parametrize('cc', ['env cc', 'cc -O1'])
+def test_cc_with_arguments_builds_its_own_library(fresh_build, monkeypatch, cc):
+    """`CC='ccache gcc'` is a launcher plus the compiler; `env` launches as ccache does."""
+    plain = jpeg_window._library_path()  # noqa: SLF001
+    monkeypatch.setenv('CC', cc)
+    assert jpeg_window._library_path() != plain  # noqa: SLF001 - another compiler command
+    assert jpeg_window.build().exists()
+    _decodes_here()

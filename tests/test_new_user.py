@@ -62,8 +62,10 @@ def test_default_logs_hold_no_known_noise(finished):
 
 @pytest.mark.slow
 def test_rerunning_a_finished_run_reports_its_final_eval_without_compiling(finished):
-    workdir, _ = finished
+    workdir, first = finished
+    assert 'wall_time_sec=' in first.stdout  # the run that trained reports its time
     before = _files(workdir)
+    events = sorted((workdir / 'tensorboard').iterdir())
     result = _train(workdir, '--verbosity=0', JAX_LOG_COMPILES='1')
     assert 'is already complete: step 6 of 6' in result.stderr
     final = _evals(workdir)[6]
@@ -73,6 +75,9 @@ def test_rerunning_a_finished_run_reports_its_final_eval_without_compiling(finis
     assert 'jit(train_step)' not in result.stderr  # JAX_LOG_COMPILES names every compile
     assert 'tracked_metric' not in result.stderr  # nothing saved
     assert _files(workdir) == before
+    assert sorted((workdir / 'tensorboard').iterdir()) == events  # no empty event file added
+    done = next(x for x in result.stdout.splitlines() if x.startswith('Done: '))
+    assert 'already_complete=True' in done and 'wall_time_sec' not in done  # nothing trained
 
 
 @pytest.mark.slow
@@ -221,3 +226,101 @@ def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path):
                     '--config.allow_config_change=True', '--config.eval_every_steps=1000',
                     '--config.checkpoint_every_steps=1000', '--config.ema_decay=0.0')
     assert f'Resumed from step {steps[-1]}' in result.stderr
+
+
+def test_every_config_problem_is_one_error_before_the_workdir_is_made(tmp_path):
+    # A warmup as long as the run, and a network rule (option A cannot widen a bottleneck):
+    # both in one error, and nothing on disk.
+    workdir = tmp_path / 'run'
+    result = _train(workdir, '--config.optimizer.warmup_steps=6', '--config.model.block=bottleneck',
+                    '--config.model.shortcut=A', check=False)
+    line = _one_error_line(result)
+    assert line.startswith('Error: 2 config problems: (1) ')
+    assert "model.shortcut='A' (zero-padded identity) works with basic blocks only" in line
+    assert 'optimizer.warmup_steps=6 means 6 warmup steps' in line
+    assert not workdir.exists()
+
+
+def test_plain_net_from_a_zero_init_recipe_is_announced_and_built_without_it():
+    from configs import imagenet
+    from resnet_flax import config_checks, models
+
+    config = imagenet.get_config()  # the ImageNet recipe: zero_init_last_bn=True
+    assert config.model.zero_init_last_bn
+    config.model.shortcut = 'none'
+    config.model.depth = 34
+    notes: list[str] = []
+    problems: list[str] = []
+    config_checks._check_model(config, problems, notes)  # noqa: SLF001
+    assert problems == [] and len(notes) == 1 and 'nothing to act on' in notes[0]
+    model = models.from_config(config.model)
+    assert model.shortcut == 'none' and not model.zero_init_last_bn
+    # Named explicitly in one call, the two settings still contradict each other.
+    with pytest.raises(ValueError, match='zero_init_last_bn=True with shortcut'):
+        models.create('plain34', zero_init_last_bn=True)
+
+
+def test_synthetic_smoke_run_says_how_long_its_eval_is():
+    from configs import resnet18
+    from resnet_flax import config_checks
+
+    config = resnet18.get_config()
+    config.data.dataset = 'synthetic'
+    config.batch_size = 8
+    config.num_train_steps = 2
+    config.optimizer.warmup_epochs = 0.0
+    _, info, notes = config_checks.resolve(config)
+    assert info.num_eval_examples == 50_000
+    assert any('each eval reads 50,000 synthetic examples (6,250 batches of 8), more steps '
+               'than the whole run (2)' in note for note in notes), notes
+    config.data.synthetic_num_eval_examples = 16
+    assert not any('synthetic' in n for n in config_checks.resolve(config)[2])
+
+
+def test_auto_loader_is_the_one_the_readme_names():
+    import importlib.util
+
+    from configs import base
+    from resnet_flax import data
+
+    config = base.get_config().data
+    config.dataset = 'image_folder'
+    has_tensorflow = importlib.util.find_spec('tensorflow') is not None
+    assert data.loader(config) == ('tf' if has_tensorflow else 'grain')
+    readme = ' '.join((REPO / 'README.md').read_text().split())
+    assert ('`loader=auto` (the default) is tf.data wherever TensorFlow is installed' in readme)
+
+
+def test_pytest_says_how_many_parity_tests_skipped_without_torch(tmp_path):
+    # torch made absent for one pytest run, as on a machine without the [torch] extra.
+    (tmp_path / 'no_torch.py').write_text("import sys\nsys.modules['torch'] = None\n")
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-n', '0', '-p', 'no_torch', '-p',
+         'no:cacheprovider', 'tests/test_convert.py'], cwd=REPO, capture_output=True, text=True,
+        env=cpu_env(PYTHONPATH=str(tmp_path)), timeout=300)
+    assert result.returncode in (0, 5), result.stdout[-3000:]  # 5: every test skipped
+    assert ('PyTorch parity checks not run: 1 test file(s) (tests/test_convert.py) skipped '
+            'because torch is not installed') in result.stdout
+
+
+def test_an_empty_class_folder_is_named_not_counted_as_a_class(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from configs import base
+    from resnet_flax import data
+
+    for name in ('cat', 'dog', 'empty'):
+        (tmp_path / name).mkdir()
+    for name in ('cat', 'dog'):
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / f'{i}.png')
+    config = base.get_config().data
+    config.update(dict(dataset='image_folder', data_dir=str(tmp_path), holdout_fraction=0.5,
+                       image_size=8))
+    with pytest.raises(ValueError, match=r"class folder\(s\) with no readable image: \['empty'\]"
+                       ) as error:
+        data.get_info(config)
+    assert '\n' not in str(error.value)
+    (tmp_path / 'empty').rmdir()
+    assert data.get_info(config).num_classes == 2

@@ -143,6 +143,54 @@ def test_one_process_failing_to_read_the_newest_checkpoint_does_not_split_the_re
             assert 'retrying' in outputs[1] or 'retrying' in outputs[0]
 
 
+def _views_with_a_lagging_host(tmp_path) -> tuple:
+    """Steps 10, 20, 30 saved once, copied as each process's view of the workdir; process 1's
+    copy of step 30 lacks its state's manifest, as a host whose cache has not caught up."""
+    from tests.test_restore_safety import _saved
+
+    manager, _ = _saved(tmp_path / 'saved')
+    manager.close()
+    for i in range(2):
+        shutil.copytree(tmp_path / 'saved', tmp_path / f'process-{i}')
+    manifest = tmp_path / 'process-1' / 'checkpoints' / '30' / 'state' / 'manifest.ocdbt'
+    away = tmp_path / 'manifest.lagging'
+    manifest.rename(away)
+    return manifest, away
+
+
+def _restored_on_two_processes(tmp_path, env_of_process=None) -> list[dict]:
+    _two_processes([f'--views={tmp_path}'], None, env_of_process,
+                   command=('-m', 'tests.pod_restore'))
+    return [json.loads((tmp_path / f'process-{i}.json').read_text()) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_a_file_one_host_misses_while_process_0_reads_it_is_not_damage(tmp_path):
+    """Process 1's view of the newest step lacks a file that process 0 reads. That is a lagging
+    cache, not damage: both retry; when the view catches up both restore the newest step;
+    when it does not, both stop in one line naming process 1, and nothing is moved."""
+    manifest, away = _views_with_a_lagging_host(tmp_path / 'lagging')
+    before = {i: sorted(p.relative_to(tmp_path / 'lagging')
+                        for p in (tmp_path / 'lagging' / f'process-{i}').rglob('*'))
+              for i in range(2)}
+    results = _restored_on_two_processes(tmp_path / 'lagging')
+    assert [r.get('error') for r in results] == ['CheckpointReadError'] * 2, results
+    for result in results:
+        assert 'Process(es) [1] could not find files of checkpoint step 30' in result['message']
+        assert 'process(es) [0] read' in result['message'] and '\n' not in result['message']
+    after = {i: sorted(p.relative_to(tmp_path / 'lagging')
+                       for p in (tmp_path / 'lagging' / f'process-{i}').rglob('*'))
+             for i in range(2)}
+    assert after == before  # nothing moved, on either view
+
+    manifest, away = _views_with_a_lagging_host(tmp_path / 'catching_up')
+    results = _restored_on_two_processes(
+        tmp_path / 'catching_up', {1: {'POD_RESTORE_PUT_BACK': f'{away}:{manifest}:2'}})
+    assert results == [{'step': 30}, {'step': 30}]
+    assert not any((tmp_path / 'catching_up' / f'process-{i}' / checkpoint.QUARANTINE_DIR)
+                   .exists() for i in range(2))
+
+
 # ---- Preemption of a 2-process run: real signals to real processes, as a pod gets them.
 
 PREEMPT_TOTAL_STEPS = 60  # far more than the few steps a stop takes once signalled
@@ -256,6 +304,33 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(
     assert _committed_steps(workdir) == [step] and max(_logged_train_steps(workdir)) == step
     print(f'\nPOD {signal.Signals(signum).name} on process {target}: both stopped at step '
           f'{step} in {seconds:.1f} s', flush=True)
+
+
+@pytest.mark.slow
+def test_when_one_process_dies_the_other_stops_within_seconds_in_one_line(tmp_path, xla_cache):
+    """SIGKILL to process 1 mid-training (a crashed host): process 0 used to wait about 100 s
+    for it (JAX's shutdown barrier, then an abort with a page of C++ log). Now it stops
+    within seconds, exit 1, its last line naming the dead process."""
+    from resnet_flax import peer_watch
+
+    workdir = tmp_path / 'run'
+    with _Pod(PREEMPT_FLAGS, workdir, xla_cache) as pod:
+        _wait_until_training(pod, workdir)
+        killed = time.monotonic()
+        pod.procs[1].kill()
+        try:
+            code = pod.procs[0].wait(timeout=STOP_DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail('process 0 still running:\n' + pod.outputs()[0][-3000:])
+        seconds = time.monotonic() - killed
+        output = pod.outputs()[0]
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1, output[-3000:]
+    assert lines[-1].startswith('Error: process 1 of 2 stopped responding'), output[-3000:]
+    assert 'Fatal Python error' not in output and 'Traceback' not in output
+    assert seconds < peer_watch.DEAD_AFTER_SECONDS + 10, seconds
+    assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released on the way out
+    print(f'\nPOD process 1 killed: process 0 stopped in {seconds:.1f} s', flush=True)
 
 
 def _two_saved_steps(tmp_path):

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from resnet_flax import data, models, optim, precision, sharding, steps, train
@@ -98,10 +99,58 @@ def test_overflowing_step_changes_nothing_and_halves_the_scale(float16, batch):
     new, metrics = step(state, batch)
     assert float(metrics['skipped_updates']) == 1.0 and float(metrics['grad_norm']) == 0.0
     assert np.isfinite(float(metrics['loss']))  # the loss itself was fine: only the scale
-    _assert_same_tree((new.params, new.opt_state, new.batch_stats),
-                      (state.params, state.opt_state, state.batch_stats))
+    _assert_same_tree((new.params, new.batch_stats), (state.params, state.batch_stats))
+    # The optimizer state is kept too, but for the schedule's count: it keeps pace with step.
+    _assert_same_tree(_without_schedule_counts(new.opt_state),
+                      _without_schedule_counts(state.opt_state))
+    assert _schedule_counts(new.opt_state) == [int(state.step) + 1]
     assert int(new.step) == int(state.step) + 1
     assert float(new.loss_scale.scale) == 2.0**39 and int(new.loss_scale.good_steps) == 0
+
+
+def _is_schedule(node) -> bool:
+    return isinstance(node, optax.ScaleByScheduleState)
+
+
+def _schedule_counts(opt_state) -> list[int]:
+    return [int(n.count) for n in jax.tree.leaves(opt_state, is_leaf=_is_schedule)
+            if _is_schedule(n)]
+
+
+def _without_schedule_counts(opt_state):
+    return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_schedule) if not _is_schedule(n)]
+
+
+@pytest.mark.slow
+def test_after_a_skipped_step_the_applied_rate_is_the_logged_rate(batch):
+    """Warmup from 0: the rate of step 0 is 0, of step 1 is peak / 5. Step 0 overflows and is
+    skipped; step 1 then logs peak / 5 and must apply it. (With the schedule's count left
+    behind, step 1 applied the rate of step 0, 0, and the weights did not move.)"""
+    config = tiny_config(**{'model.dtype': 'float16', 'optimizer.momentum': 0.0,
+                            'optimizer.weight_decay': 0.0, 'optimizer.schedule': 'constant',
+                            'optimizer.warmup_steps': 5})
+    model = models.from_config(config.model)
+    optimizer = optim.create_optimizer(config, 44)
+    learning_rate_fn = optim.create_learning_rate_schedule(config, 44)
+    mesh = sharding.create_mesh()
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), (16, 16, 3), False, mesh)
+    step = jax.jit(functools.partial(
+        steps.train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn,
+        cfg=steps.StepConfig(), batch_sharding=sharding.batch_sharding(mesh)))
+    huge = precision.LossScale(scale=jnp.asarray(2.0**40, jnp.float32),
+                               good_steps=jnp.asarray(0, jnp.int32))
+    skipped, metrics = step(state.replace(loss_scale=huge), batch)
+    assert float(metrics['skipped_updates']) == 1.0
+    applied, metrics = step(skipped.replace(loss_scale=precision.LossScale.create()), batch)
+    assert float(metrics['skipped_updates']) == 0.0
+    assert float(learning_rate_fn(0)) == 0.0 and float(learning_rate_fn(1)) > 0.0
+    assert float(metrics['learning_rate']) == pytest.approx(float(learning_rate_fn(1)))
+    # SGD without momentum or decay: the update is -rate * gradient; the gradient of step 1 is
+    # the grad_norm logged, so the applied rate is |update| / grad_norm.
+    update = optax_norm(jax.tree.map(jnp.subtract, applied.params, skipped.params))
+    assert update / float(metrics['grad_norm']) == pytest.approx(
+        float(metrics['learning_rate']), rel=1e-3)
+    assert _schedule_counts(applied.opt_state) == [int(applied.step)] == [2]
 
 
 @pytest.mark.slow

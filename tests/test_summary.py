@@ -143,3 +143,29 @@ def test_cli_config_overrides_change_a_named_model():
     projections = sum(c_in * c_out + 2 * c_out for c_in, c_out in ((64, 128), (128, 256),
                                                                   (256, 512)))
     assert plain['params'] == 21_797_672 - projections
+
+
+def test_plain_net_from_the_imagenet_recipe_says_one_line_and_goes_on():
+    # configs/resnet34.py turns zero_init_last_bn on, which a plain net has no use for.
+    result = subprocess.run(
+        [sys.executable, '-m', 'resnet_flax.summary', '--config=configs/resnet34.py',
+         '--config.model.shortcut=none', '--json'], cwd=REPO, capture_output=True, text=True,
+        timeout=120, env={**os.environ, 'JAX_PLATFORMS': ''})  # let JAX look for a TPU
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)['params'] == summarize('plain34')['params']
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [models.plain_zero_init_note({'shortcut': 'none', 'zero_init_last_bn': True})]
+    assert 'Unable to initialize backend' not in result.stderr  # library logs stay hidden
+
+
+def test_config_problems_are_one_line_errors_from_the_cli():
+    for args, message in (
+            (['resnet18', '--config.model.shortcutt=B'], "no field 'model.shortcutt'"),
+            (['--config=configs/resnet34.py', '--config.model.depth=33'],
+             'model.depth=33 has no ImageNet stage table')):
+        result = subprocess.run([sys.executable, '-m', 'resnet_flax.summary', *args], cwd=REPO,
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+        assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith('Error: ')]
+        assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

@@ -15,8 +15,11 @@ Two compute budgets, each spent two ways (python -m resnet_flax.summary gives th
 The bottleneck nets (9n+2 layers, n=3) spend the same MACs on 3.6x (2x) the depth with thinner
 3x3 convs and 4x wider block outputs, as ResNet-50 does against ResNet-34. Both block types use
 option-B shortcuts (projection where the shape changes; option A cannot widen a bottleneck's
-output), so only the block differs. Two seeds each: 8 runs, 9 minutes here on 2 CPU cores
-shared with other work, under 4 minutes on quiet ones. Results: docs/ablations.md.
+output), so only the block differs. Two seeds each: 8 runs. Results: docs/ablations.md.
+
+Measured (docs/figures.json, by docs/build_figures.py): the file's 8 runs (seeds 0, 1) took 21
+minutes one after another on 2 CPU cores at load average 15 to 18 (shared with other jobs, so
+slower than on free cores).
 """
 
 import ml_collections

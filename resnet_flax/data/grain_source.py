@@ -31,6 +31,7 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+from absl import logging
 
 from resnet_flax.data import budget as budget_lib
 from resnet_flax.data import info as info_lib
@@ -108,7 +109,7 @@ class Found:
 
     num_classes: int
     label_names: tuple[str, ...]
-    small_images: bool  # CIFAR-sized: the pad-crop / resize recipes by default
+    image_side: int | None  # a typical image's larger side: picks the default recipe
     skipped: int | None = None
 
 
@@ -149,19 +150,20 @@ def find(data_cfg) -> Found:
     name = data_cfg.dataset
     if name == 'prepared':
         found = store.read_info(_store_root(data_cfg))
-        return Found(len(found.classes), found.classes,
-                     found.max_side <= info_lib.SMALL_IMAGE_MAX_SIDE)
+        # Stores written before image_side was recorded: their images are at most max_side.
+        side = found.image_side if found.image_side is not None else found.max_side
+        return Found(len(found.classes), found.classes, side)
     if name == 'image_folder':
         from resnet_flax.data import image_folder
 
         index = image_folder.index(data_cfg)
-        return Found(len(index.classes), index.classes, False, len(index.skipped))
+        return Found(len(index.classes), index.classes, index.image_side, len(index.skipped))
     builder = _tfds_builder(data_cfg)
     image_key, label_key = _tfds_keys(builder)
     shape = builder.info.features[image_key].shape
-    small = None not in shape[:2] and max(shape[:2]) <= info_lib.SMALL_IMAGE_MAX_SIDE
+    side = None if None in shape[:2] else max(shape[:2])
     labels = builder.info.features[label_key]
-    return Found(int(labels.num_classes), tuple(labels.names), small)
+    return Found(int(labels.num_classes), tuple(labels.names), side)
 
 
 def _store_root(data_cfg) -> str:
@@ -199,11 +201,11 @@ def recipe(data_cfg, found: Found) -> Recipe:
     if data_cfg.auto_augment:
         raise ValueError(f'data.auto_augment={data_cfg.auto_augment!r} runs in the tf.data '
                          "pipeline only: set data.loader='tf', or data.auto_augment=''.")
-    small = found.small_images
+    train_crop, eval_crop = info_lib.crops(data_cfg, found.image_side)
     return Recipe(
         decoder=pil_preprocess.resolve_decoder(data_cfg.get('decoder', 'auto')),
-        train_crop=data_cfg.train_crop or ('pad' if small else 'inception'),
-        eval_crop=data_cfg.eval_crop or ('resize' if small else 'center'),
+        train_crop=train_crop,
+        eval_crop=eval_crop,
         image_size=int(data_cfg.image_size),
         eval_image_size=info_lib.eval_image_size(data_cfg),
         area_range=tuple(float(a) for a in data_cfg.inception_area_range),
@@ -230,6 +232,7 @@ def get_info(data_cfg) -> info_lib.DatasetInfo:
         image_shape=(size, size, info_lib.CHANNELS),
         label_names=found.label_names,
         num_skipped_examples=found.skipped,
+        image_side=found.image_side,
     )
 
 
@@ -286,18 +289,49 @@ def _batch_arrays(count: int, size: int) -> Batch:
 # elements, grain's map and stack machinery took ~20% of a decoding thread's time (py-spy,
 # BENCHMARKS.md section 7a), ~5% this way.
 
+# A file that does not decode (corrupt, cut, over PIL's decompression-bomb limit) is skipped,
+# counted and logged rather than stopping the run: in training the next records of the split
+# stand in (the same ones on every process and after a resume); in eval it is masked out.
+# Index-time checks (image folders) catch most such files before the run; these are the rest.
+SUBSTITUTE_TRIES = 16
+_UNREADABLE: set[tuple[str, int]] = set()  # (split kind, record) this process skipped
+
+
+def _skip_unreadable(kind: str, index: int, error: Exception) -> None:
+    if (kind, index) not in _UNREADABLE:
+        _UNREADABLE.add((kind, index))
+        logging.warning('Skipping unreadable %s image %d (%s: %s); %d skipped so far by this '
+                        'process.', kind, index, type(error).__name__, str(error)[:160],
+                        len(_UNREADABLE))
+
+
 class LoadTrainBatch:
     def __init__(self, plan: TrainPlan, source, recipe: Recipe, seed: int):
         self.plan, self.source, self.recipe, self.seed = plan, source, recipe, seed
 
-    def __call__(self, step: int) -> Batch:
-        batch = _batch_arrays(self.plan.local, self.recipe.image_size)
-        for slot, (index, epoch, position) in enumerate(self.plan.batch(step)):
-            encoded, batch['label'][slot] = self.source[index]
+    def _example(self, index: int, epoch: int, position: int, out: np.ndarray) -> int:
+        """Decodes record `index` (or the next readable one) into `out`; returns its label."""
+        for offset in range(SUBSTITUTE_TRIES):
+            candidate = (index + offset) % len(self.source)
+            encoded, label = self.source[candidate]
             # random.Random seeded with a string is deterministic on every platform and ~20x
             # cheaper to build than a numpy Generator: it matters at 1,000 images/s per core.
             rng = random.Random(f'{self.seed}/{AUGMENT_STREAM}/{epoch}/{position}')
-            pil_preprocess.train_example(encoded, rng, self.recipe, batch['image'][slot])
+            try:
+                pil_preprocess.train_example(encoded, rng, self.recipe, out)
+                return label
+            except pil_preprocess.UNREADABLE as error:
+                _skip_unreadable('train', candidate, error)
+                last = error
+        raise ValueError(f'{SUBSTITUTE_TRIES} images in a row from record {index} of the '
+                         f'train split do not decode (the last: {type(last).__name__}: '
+                         f'{str(last)[:120]}): check the data set (prepare it again, or set '
+                         'data.verify_images=True for an image folder).')
+
+    def __call__(self, step: int) -> Batch:
+        batch = _batch_arrays(self.plan.local, self.recipe.image_size)
+        for slot, (index, epoch, position) in enumerate(self.plan.batch(step)):
+            batch['label'][slot] = self._example(index, epoch, position, batch['image'][slot])
         return batch
 
 
@@ -315,8 +349,13 @@ class LoadEvalBatch:
         positions = range(first, min(first + self.local, len(self.source)))
         batch['mask'] = np.arange(first, first + self.local) < len(self.source)
         for slot, position in enumerate(positions):
-            encoded, batch['label'][slot] = self.source[position]
-            batch['image'][slot] = pil_preprocess.eval_example(encoded, self.recipe)
+            encoded, label = self.source[position]
+            try:
+                batch['image'][slot] = pil_preprocess.eval_example(encoded, self.recipe)
+                batch['label'][slot] = label
+            except pil_preprocess.UNREADABLE as error:  # left out of the metrics
+                _skip_unreadable('eval', position, error)
+                batch['mask'][slot] = False
         return batch
 
 

@@ -15,8 +15,9 @@ decode (e.g. TIFF) are decoded by PIL inside the pipeline.
 Train order is index-level, like the numpy sources: epoch e is a permutation of the whole
 split from (seed, e), global batch k is its k-th run of global_batch_size files and process p
 reads the p-th slice; augmentation is keyed by (seed, epoch, global position). Resuming skips
-indices, not images. The recipes are ImageNet's (inception crop, centre crop) unless the
-config says otherwise.
+indices, not images. The recipes follow the images' size (info.crops: CIFAR's up to 64 px,
+ImageNet's above, from the median larger side of the train images) unless the config says
+otherwise.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Index:
     classes: tuple[str, ...]
     splits: dict[str, Split]
     skipped: tuple[str, ...]  # corrupt or unreadable files, left out of every split
+    image_side: int | None = None  # the larger side of a typical train image (info.image_side)
 
 
 def _class_dirs(folder: epath.Path) -> list[epath.Path]:
@@ -65,13 +67,14 @@ def _image_files(folder: epath.Path) -> list[epath.Path]:
                   if f.suffix.lower() in EXTENSIONS and not f.name.startswith('.'))
 
 
-def _check_file(path: epath.Path, verify: bool) -> str | None:
-    """The PIL format name, or None if the file is unreadable or corrupt."""
+def _check_file(path: epath.Path, verify: bool) -> tuple[str, int] | None:
+    """(the PIL format name, the larger side), or None if the file is unreadable or corrupt
+    (PIL's DecompressionBombError, over Image.MAX_IMAGE_PIXELS, included)."""
     from PIL import Image
 
     try:
         with path.open('rb') as file, Image.open(file) as image:
-            image_format = image.format
+            image_format = image.format, max(image.size)
             if verify:  # JPEGs decode at 1/8 scale: ~10x faster, still reads every block
                 image.draft('RGB', (max(image.width // 8, 1), max(image.height // 8, 1)))
                 image.load()
@@ -80,7 +83,8 @@ def _check_file(path: epath.Path, verify: bool) -> str | None:
         return None
 
 
-def _check_files(paths: list[epath.Path], verify: bool, threads: int) -> list[str | None]:
+def _check_files(paths: list[epath.Path], verify: bool,
+                 threads: int) -> list[tuple[str, int] | None]:
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         return list(pool.map(functools.partial(_check_file, verify=verify), paths))
 
@@ -109,12 +113,13 @@ def _read_folder(folder: epath.Path, classes: list[str], verify: bool, threads: 
         for path in _image_files(class_dir):
             files.append(path)
             labels.append(classes.index(class_dir.name))
-    formats = _check_files(files, verify, threads)
-    good = [f is not None for f in formats]
+    checked = _check_files(files, verify, threads)
+    good = [f is not None for f in checked]
     split = Split(tuple(str(p) for p in files), np.asarray(labels, np.int32),
-                  np.asarray([f is not None and f not in TF_FORMATS for f in formats], bool))
+                  np.asarray([f is not None and f[0] not in TF_FORMATS for f in checked], bool))
     skipped = tuple(str(p) for p, ok in zip(files, good, strict=True) if not ok)
-    return _subset(split, np.asarray(good, bool)), skipped
+    sides = [f[1] for f in checked if f is not None]
+    return _subset(split, np.asarray(good, bool)), skipped, sides
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,11 +137,14 @@ def _index(root: str, train_split: str, eval_split: str, holdout_fraction: float
             f'{pool_dir} has {len(classes)} class folder(s) {classes}; an image folder needs '
             f'at least {MIN_CLASSES} (ROOT/CLASS/*.jpg or ROOT/{train_split}/CLASS/*.jpg).'
         )
-    train, skipped = _read_folder(pool_dir, classes, verify, threads)
+    train, skipped, sides = _read_folder(pool_dir, classes, verify, threads)
+    if empty := [c for i, c in enumerate(classes) if not np.any(train.labels == i)]:
+        raise ValueError(f'{pool_dir} has class folder(s) with no readable image: {empty}; each '
+                         'class folder is a class of the model, so add images or remove them.')
     eval_dir = root_path / eval_split
     splits = {}
     if split_layout and eval_dir.is_dir() and holdout_fraction == 0:
-        splits[eval_split], eval_skipped = _read_folder(eval_dir, classes, verify, threads)
+        splits[eval_split], eval_skipped, _ = _read_folder(eval_dir, classes, verify, threads)
         skipped += eval_skipped
     elif holdout_fraction > 0:
         held = _holdout(train.labels, holdout_fraction, holdout_seed)
@@ -149,7 +157,7 @@ def _index(root: str, train_split: str, eval_split: str, holdout_fraction: float
     if skipped:
         logging.warning('Skipped %d unreadable or corrupt image(s) under %s, e.g. %s',
                         len(skipped), root, skipped[:3])
-    return Index(tuple(classes), splits, skipped)
+    return Index(tuple(classes), splits, skipped, info_lib.image_side(sides))
 
 
 def index(data_cfg: ml_collections.ConfigDict) -> Index:
@@ -182,6 +190,7 @@ def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
         image_shape=(size, size, info_lib.CHANNELS),
         label_names=found.classes,
         num_skipped_examples=len(found.skipped),
+        image_side=found.image_side,
     )
 
 
@@ -232,7 +241,7 @@ def _loader(split: Split):
 
 
 def _recipes(data_cfg) -> tuple[str, str]:
-    return data_cfg.train_crop or 'inception', data_cfg.eval_crop or 'center'
+    return info_lib.crops(data_cfg, index(data_cfg).image_side)
 
 
 def train_batches(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,

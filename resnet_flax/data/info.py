@@ -29,6 +29,9 @@ EVAL_PRESETS = ('', 'native', 'torchvision')
 AUTO_AUGMENTS = ('', 'randaugment', 'trivialaugment')
 # Images whose larger side is at most this get the CIFAR recipe by default (pad-crop, resize).
 SMALL_IMAGE_MAX_SIDE = 64
+# The default recipes, by image size (crops()): (train crop, eval crop).
+SMALL_IMAGE_CROPS = ('pad', 'resize')  # CIFAR: pad-and-crop, the whole image at eval
+LARGE_IMAGE_CROPS = ('inception', 'center')  # ImageNet: Inception crop, centre crop at eval
 CHANNELS = 3
 # One process's slice of a batch: 'image' uint8 [B, H, W, 3], 'label' int32 [B] (float32
 # [B, classes] once mixed), plus a bool 'mask' [B] in eval (False on padding).
@@ -46,6 +49,8 @@ class DatasetInfo:
     label_names: tuple[str, ...] = ()
     # Files a source found but could not read and left out (image folders); None: not tracked.
     num_skipped_examples: int | None = None
+    # The larger side of a typical source image (image_side()); None: unknown or not images.
+    image_side: int | None = None
 
 
 def rng(*keys: int) -> np.random.Generator:
@@ -157,6 +162,36 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
             f'>= 1, and data.prefetch_batches={data_cfg.prefetch_batches} -1 or >= 0.'
         )
     normalization(data_cfg, IMAGENET_MEAN, IMAGENET_STD)  # checks the shapes
+
+
+def image_side(longer_sides: Sequence[int]) -> int | None:
+    """The larger side of a typical image: the median of the images' larger sides, so a
+    few odd files do not flip a data set's recipe. None for no images."""
+    return int(np.median(longer_sides)) if len(longer_sides) else None
+
+
+def crops(data_cfg: ml_collections.ConfigDict, side: int | None) -> tuple[str, str]:
+    """(train crop, eval crop): data.train_crop / data.eval_crop where set, else the one rule
+    for every source (TFDS sets, image folders, prepared stores) from the larger side of a
+    typical image: at most SMALL_IMAGE_MAX_SIDE, the CIFAR recipe; larger or unknown
+    (a TFDS set of variable-size images), ImageNet's."""
+    small = side is not None and side <= SMALL_IMAGE_MAX_SIDE
+    train, evaluation = SMALL_IMAGE_CROPS if small else LARGE_IMAGE_CROPS
+    return data_cfg.train_crop or train, data_cfg.eval_crop or evaluation
+
+
+def describe_crops(data_cfg: ml_collections.ConfigDict, side: int | None) -> str:
+    """One line for the start of a run: the crops in use and why."""
+    train, evaluation = crops(data_cfg, side)
+    size = f'images about {side} px' if side is not None else 'image size not declared'
+    if data_cfg.train_crop and data_cfg.eval_crop:
+        why = 'as configured'
+    else:
+        recipe = 'CIFAR' if (train, evaluation) == SMALL_IMAGE_CROPS else 'ImageNet' if (
+            train, evaluation) == LARGE_IMAGE_CROPS else 'mixed'
+        why = (f'the {recipe} recipe for {size} (up to {SMALL_IMAGE_MAX_SIDE} px: CIFAR\'s); '
+               'set --config.data.train_crop / --config.data.eval_crop to choose')
+    return f'data recipe: train_crop={train!r}, eval_crop={evaluation!r}: {why}'
 
 
 def eval_image_size(data_cfg: ml_collections.ConfigDict) -> int:

@@ -8,6 +8,18 @@ compiled here on first use with the system's C compiler and libjpeg headers, cac
 $RESNET_FLAX_CACHE (default ~/.cache/resnet_flax), and called through ctypes, which releases
 the GIL as simplejpeg does.
 
+The cache is trusted only as far as it can be:
+- the file name is a hash of everything that makes the binary: the source, the compiler
+  command ($CC, which may carry arguments: `CC='ccache gcc'`) and its --version, the flags,
+  the libjpeg headers it compiles against (their bytes), the machine and OS. A home shared
+  by machines of another architecture or libjpeg gets its own file, not a foreign one. (No
+  Python ABI: the library is plain C, loaded by ctypes.)
+- only a folder owned by this user that no one else can write is used (it is made 0700);
+  one that others can write is refused in one line (set RESNET_FLAX_CACHE elsewhere),
+  since whoever writes there runs code in the trainer.
+- a cached file that is not ours, others can write, or does not load (truncated, another
+  architecture) is rebuilt in place, once.
+
 Where it cannot be built (no compiler, no jpeglib.h: Debian's libjpeg62-turbo-dev), data.
 decoder='auto' decodes the whole image as before; data.decoder='libjpeg_window' stops with
 one line that says what is missing.
@@ -15,23 +27,38 @@ one line that says what is missing.
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import functools
 import hashlib
 import os
+import platform
+import shlex
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
 SOURCE = Path(__file__).with_name('jpeg_window.c')
+FLAGS = ('-O2', '-shared', '-fPIC')
+LIBS = ('-ljpeg',)
 MESSAGE_BYTES = 200  # libjpeg's JMSG_LENGTH_MAX
 CHANNELS = 3
+OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+PROBE_TIMEOUT_S = 60
+# What the key hashes of the libjpeg the source compiles against: the headers it includes.
+HEADER_PROBE = '#include <stddef.h>\n#include <stdio.h>\n#include <jpeglib.h>\n'
 
 
 class BuildError(RuntimeError):
     """The decoder could not be compiled or loaded here; the message says why in one line."""
+
+
+class UnsafeCacheError(BuildError):
+    """The cache folder is not this user's alone: loading from it would run others' code."""
 
 
 def cache_dir() -> Path:
@@ -40,26 +67,86 @@ def cache_dir() -> Path:
     return Path(found)
 
 
-def _compiler() -> str:
-    return os.environ.get('CC', 'cc')
+def compiler() -> list[str]:
+    """$CC split as a shell would (`ccache gcc`, `gcc -m64`), else `cc`."""
+    return shlex.split(os.environ.get('CC') or 'cc')
+
+
+def _run(command: list[str], stdin: str = '') -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, input=stdin, capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError(f'no C compiler to build the JPEG window decoder ({error}): '
+                         'install gcc, or set CC.') from None
+
+
+def _headers(cc: list[str]) -> bytes:
+    """The bytes of every header jpeglib.h pulls in, as this compiler finds them (empty when
+    it finds none: the compile then fails and says so)."""
+    done = _run([*cc, '-M', '-x', 'c', '-'], HEADER_PROBE)
+    if done.returncode != 0:
+        return b''
+    names = done.stdout.replace('\\\n', ' ').split(':', 1)[-1].split()
+    return b''.join(Path(name).read_bytes() for name in sorted(set(names)) if name != '-'
+                    and Path(name).is_file())
+
+
+def build_key() -> str:
+    """A hash of everything that makes the binary (see the module docstring)."""
+    cc = compiler()
+    version = _run([*cc, '--version'])
+    parts = [SOURCE.read_bytes(), repr((cc, FLAGS, LIBS)).encode(),
+             version.stdout.encode(), _headers(cc),
+             repr((platform.machine(), platform.system())).encode()]
+    digest = hashlib.sha256()
+    for part in parts:  # length-prefixed, so no two different inputs hash alike
+        digest.update(len(part).to_bytes(8, 'little') + part)
+    return digest.hexdigest()[:20]
 
 
 def _library_path() -> Path:
-    """Named by the source and the compiler, so an edited source or a new compiler rebuilds."""
-    key = hashlib.sha256(SOURCE.read_bytes() + _compiler().encode()).hexdigest()[:16]
-    return cache_dir() / f'jpeg_window-{key}.so'
+    return cache_dir() / f'jpeg_window-{build_key()}.so'
 
 
-def build() -> Path:
-    """Compiles jpeg_window.c (once per source and compiler: later calls find the file).
-    Writes a temporary file and renames it, so processes building at once do not collide."""
+def _private_folder(folder: Path) -> None:
+    """Makes `folder` (0700) if missing; UnsafeCacheError unless it is ours and no one else
+    can write it."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        found = folder.stat()
+    except OSError as error:  # not a folder, not writable, full
+        raise BuildError(f'cannot write the JPEG window decoder to {folder} ({error}): '
+                         'set RESNET_FLAX_CACHE to a writable folder.') from None
+    if found.st_uid != os.getuid() or found.st_mode & OTHERS_WRITE:
+        raise UnsafeCacheError(
+            f'the JPEG window decoder cache {folder} is owned by uid {found.st_uid} with mode '
+            f'{stat.filemode(found.st_mode)}, and others who can write it could run code in '
+            f'the trainer: `chmod go-w {folder}` if it is yours, or set RESNET_FLAX_CACHE to '
+            'a folder only you can write.')
+
+
+def _trusted(path: Path) -> bool:
+    """Whether `path` is a file of ours that no one else can write."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return False
+    return (stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid()
+            and not found.st_mode & OTHERS_WRITE)
+
+
+def build(rebuild: bool = False) -> Path:
+    """The compiled jpeg_window.c: compiled once per build key (later calls find the file),
+    again when `rebuild` or when the cached file is not one to trust. Writes a temporary
+    file and renames it, so processes building at once do not collide."""
     target = _library_path()
-    if target.exists():
+    _private_folder(target.parent)
+    if _trusted(target) and not rebuild:
         return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         return _compile_into(target)
-    except OSError as error:  # not a folder, not writable, full
+    except OSError as error:  # not writable, full
         raise BuildError(f'cannot write the JPEG window decoder to {target.parent} ({error}): '
                          'set RESNET_FLAX_CACHE to a writable folder.') from None
 
@@ -67,29 +154,24 @@ def build() -> Path:
 def _compile_into(target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [_compiler(), '-O2', '-shared', '-fPIC', '-o', str(built), str(SOURCE),
-                   '-ljpeg']
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise BuildError(f'no C compiler to build the JPEG window decoder ({error}): '
-                             'install gcc, or set CC.') from None
+        command = [*compiler(), *FLAGS, '-o', str(built), str(SOURCE), *LIBS]
+        done = _run(command)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ['(no message)'])[0]
             raise BuildError(f'could not compile the JPEG window decoder: {first} (it needs '
                              "libjpeg-turbo's headers: apt install libjpeg62-turbo-dev).")
+        built.chmod(0o755)
         os.replace(built, target)
     return target
 
 
-@functools.cache
-def library() -> ctypes.CDLL:
-    """The compiled decoder, built on the first call of each process; BuildError if it can't."""
+def _load(path: Path) -> ctypes.CDLL:
+    loaded = ctypes.CDLL(str(path))
     try:
-        loaded = ctypes.CDLL(str(build()))
-    except OSError as error:
-        raise BuildError(f'could not load the JPEG window decoder: {error}') from None
-    function = loaded.jpeg_window_decode
+        function = loaded.jpeg_window_decode
+    except AttributeError:  # not our library: unload it, or dlopen would hand it back
+        _ctypes.dlclose(loaded._handle)  # noqa: SLF001 - ctypes has no public close
+        raise
     function.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                          ctypes.c_char_p]
@@ -98,14 +180,33 @@ def library() -> ctypes.CDLL:
 
 
 @functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled decoder, built on the first call of each process (and rebuilt once if the
+    cached file does not load); BuildError if it can't be."""
+    path = build()
+    try:
+        return _load(path)
+    except (OSError, AttributeError) as error:
+        logging.warning('Rebuilding the JPEG window decoder: %s did not load (%s).', path,
+                        error)
+    try:
+        return _load(build(rebuild=True))
+    except (OSError, AttributeError) as error:
+        raise BuildError(f'could not load the JPEG window decoder: {error}') from None
+
+
+@functools.cache
 def available() -> bool:
-    """Whether the decoder builds and loads here (once per process)."""
+    """Whether the decoder builds and loads here (once per process); an unsafe cache is said
+    in one warning, since 'auto' then quietly decodes whole images."""
     try:
         library()
+    except UnsafeCacheError as error:
+        logging.warning('%s Decoding whole images instead.', error)
+        return False
     except BuildError:
         return False
     return True
-
 
 def decode(encoded: bytes, window: tuple[int, int, int, int],
            scale_denom: int = 1) -> np.ndarray | None:

@@ -6,8 +6,9 @@ from a `random.Random` keyed by (seed, epoch, position) (grain_source.py), so th
 resume.
 
 - ImageNet train: a random crop covering `area_range` of the image with aspect ratio in
-  `aspect_range` (torchvision's RandomResizedCrop sampling: 10 tries, log-uniform aspect,
-  then the whole image, as TF's sampler falls back to), resized to `size`.
+  `aspect_range`, drawn as tf.image.sample_distorted_bounding_box draws it (the tf.data
+  loader's sampler: 10 tries of a uniform aspect and a uniform height, then the whole
+  image), resized to `size`.
 - ImageNet eval: the central square covering `crop_fraction` of the short side (the window
   preprocess.center_window picks), resized to `size`.
 - CIFAR: resize to `size` if needed, zero-pad `padding` pixels, random crop back.
@@ -73,6 +74,11 @@ CV2_METHODS = ('bilinear', 'bicubic', 'area', 'nearest')
 SHRINK_AREA = 1.1  # train_resizer='cv2' shrinks crops larger than this x size by area average
 JPEG_MAGIC = b'\xff\xd8\xff'
 CHANNELS = 3
+INCEPTION_ATTEMPTS = 10  # tf.data's max_attempts (preprocess.inception_window)
+# What decoding a file that is not a readable image raises: PIL's errors for corrupt, cut or
+# unknown files, and its decompression-bomb refusal (over Image.MAX_IMAGE_PIXELS), which is
+# not an OSError. The loaders skip and count such files rather than stop.
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 Box = tuple[int, int, int, int]  # left, top, width, height
 
@@ -305,21 +311,52 @@ def decode_window(encoded: bytes, box: Box, size: int, decoder: str,
     return _pil_window(encoded, box, size, decoder != 'pil', method, antialias)
 
 
+def _tf_crop_try(width: int, height: int, area_range, aspect: float,
+                 rng: random.Random) -> Box | None:
+    """One attempt of TF's sampler at `aspect` (width / height): a height drawn uniformly
+    among the whole numbers whose crop area fits `area_range`, the width rounded from it, then
+    an offset; None where rounding leaves no crop inside the constraints."""
+    min_area, max_area = (a * width * height for a in area_range)
+    crop_h = round(math.sqrt(min_area / aspect))
+    max_h = round(math.sqrt(max_area / aspect))
+    if round(max_h * aspect) > width:  # the tallest crop whose rounded width still fits
+        max_h = int((width + 0.5 - 1e-7) / aspect)
+        if round(max_h * aspect) > width:
+            max_h -= 1
+    max_h = min(max_h, height)
+    crop_h = min(crop_h, max_h)
+    if crop_h < max_h:
+        crop_h += rng.randint(0, max_h - crop_h)
+    crop_w = round(crop_h * aspect)
+    if crop_w * crop_h < min_area:  # rounding fell short: one pixel taller
+        crop_h += 1
+        crop_w = round(crop_h * aspect)
+    if crop_w * crop_h > max_area:  # or over: one pixel shorter
+        crop_h -= 1
+        crop_w = round(crop_h * aspect)
+    area = crop_w * crop_h
+    if not (min_area <= area <= max_area and 0 < crop_w <= width and 0 < crop_h <= height):
+        return None
+    # TF draws offsets in [0, side - crop), so a smaller crop never touches the far edge.
+    top = rng.randrange(height - crop_h) if crop_h < height else 0
+    left = rng.randrange(width - crop_w) if crop_w < width else 0
+    return left, top, crop_w, crop_h
+
+
 def inception_box(shape: tuple[int, int], rng: random.Random, area_range,
-                  aspect_range) -> Box:
-    """A random crop of `area_range` of the area, aspect in `aspect_range`; else the whole."""
+                  aspect_range, max_attempts: int = INCEPTION_ATTEMPTS) -> Box:
+    """A random crop of `area_range` of the area, aspect (width / height) in `aspect_range`,
+    drawn as tf.image.sample_distorted_bounding_box draws it (the tf.data loader's sampler,
+    and the flax and TF ResNet recipes'): up to `max_attempts` aspects drawn uniformly (not
+    log-uniformly, as torchvision does), each giving a uniform height, then the whole image.
+    Its boxes follow TF's distribution, not its random stream (tests/test_data_grain.py)."""
     width, height = shape
-    area = width * height
-    log_aspect = (math.log(aspect_range[0]), math.log(aspect_range[1]))
-    for _ in range(10):
-        target = area * rng.uniform(area_range[0], area_range[1])
-        aspect = math.exp(rng.uniform(*log_aspect))
-        crop_w = round(math.sqrt(target * aspect))
-        crop_h = round(math.sqrt(target / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            left = rng.randint(0, width - crop_w)
-            top = rng.randint(0, height - crop_h)
-            return left, top, crop_w, crop_h
+    for _ in range(max_attempts):
+        aspect = rng.uniform(aspect_range[0], aspect_range[1])
+        box = _tf_crop_try(width, height, area_range, aspect, rng)
+        # TF's overlap test against the whole image: the crop covers >= area_range[0] of it.
+        if box is not None and box[2] * box[3] >= max(area_range[0] * width * height, 1):
+            return box
     return 0, 0, width, height
 
 

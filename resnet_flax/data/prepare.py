@@ -16,13 +16,17 @@ ArrayRecord (read without TensorFlow) or as TFRecord (read with tf.data, TensorF
 
 Shards hold --examples_per_shard consecutive examples in source order. Each is written to a
 local temporary file, then copied to OUT/<split>/ under a temporary name and renamed, with a
-small .json beside it holding its count: an interrupted run leaves only whole shards, and a
-rerun skips them. store.json, written last, is what makes OUT a store. Files that fail to
-decode are skipped and counted. OUT may be local or gs:// (reading needs local or mounted).
+small .json beside it holding its count and the settings it was made with: an interrupted run
+leaves only whole shards, and a rerun with the same settings skips them; a rerun with other
+ones (--max_side, --quality, the source) is refused in one line, as one store cannot mix
+them. store.json, written last, is what makes OUT a store; it lists the splits of every run
+into OUT. Files that fail to decode (corrupt, or over PIL's decompression-bomb limit) are
+skipped and counted. OUT may be local or gs:// (reading needs local or mounted).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -35,7 +39,7 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image
 
-from resnet_flax.data import store
+from resnet_flax.data import pil_preprocess, store
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'image_folder', "'image_folder' or a TFDS name (imagenet2012).")
@@ -61,13 +65,14 @@ class Job:
     stop: int
 
 
-def shrink(encoded: bytes, max_side: int, quality: int) -> bytes:
-    """JPEG bytes with the longest side at most max_side; small RGB JPEGs stay as they are."""
+def shrink(encoded: bytes, max_side: int, quality: int) -> tuple[bytes, int]:
+    """(JPEG bytes with the longest side at most max_side, that side); small RGB JPEGs stay
+    as they are."""
     with Image.open(io.BytesIO(encoded)) as image:
         width, height = image.size
         scale = max_side / max(width, height)
         if scale >= 1 and image.format == 'JPEG' and image.mode == 'RGB':
-            return encoded
+            return encoded, max(width, height)
         if scale < 1:  # decode at the smallest DCT scale still >= 2x the target, then filter
             target = (max(round(width * scale), 1), max(round(height * scale), 1))
             image.draft('RGB', (2 * target[0], 2 * target[1]))
@@ -76,7 +81,32 @@ def shrink(encoded: bytes, max_side: int, quality: int) -> bytes:
             rgb = image.convert('RGB')
     out = io.BytesIO()
     rgb.save(out, format='JPEG', quality=quality)
-    return out.getvalue()
+    return out.getvalue(), max(rgb.size)
+
+
+def settings(cfg_json: str, max_side: int, quality: int) -> dict:
+    """What decides a store's contents; every shard's sidecar records it."""
+    return {'max_side': max_side, 'quality': quality, 'source': json.loads(cfg_json)}
+
+
+def _describe(made_with: dict | None) -> str:
+    if not made_with:
+        return 'unrecorded settings (an older prepare)'
+    source = made_with['source']
+    return (f"--max_side={made_with['max_side']} --quality={made_with['quality']} from "
+            f"{source.get('dataset')} {source.get('data_dir')}")
+
+
+def check_earlier_run(out: str, made_with: dict) -> None:
+    """A one-line ValueError when OUT holds shards made with other settings: a rerun would
+    keep them and write a store.json describing only itself."""
+    for sidecar in epath.Path(out).glob('*/*.array_record.json'):
+        theirs = json.loads(sidecar.read_text()).get('made_with')
+        if theirs != made_with:
+            raise ValueError(
+                f'{out} holds shards made with {_describe(theirs)} ({sidecar.name}), and this '
+                f'run asks for {_describe(made_with)}: one store cannot mix them; write to '
+                f'another --out, or delete {out} to redo it.')
 
 
 def _data_config(dataset: str, data_dir: str | None, train_split: str, eval_split: str,
@@ -133,7 +163,8 @@ def _examples(cfg_json: str, job: Job):
 
 
 def write_shard(cfg_json: str, job: Job, out: str, max_side: int, quality: int) -> dict:
-    """Writes one shard (atomically) unless it exists; returns its {num_examples, skipped}."""
+    """Writes one shard (atomically) unless it exists; returns its sidecar: {num_examples,
+    skipped, sides (stored larger side -> count), made_with (settings())}."""
     from array_record.python import array_record_module
 
     folder = epath.Path(out) / job.split
@@ -141,15 +172,17 @@ def write_shard(cfg_json: str, job: Job, out: str, max_side: int, quality: int) 
     sidecar = final.parent / (final.name + '.json')
     if sidecar.exists() and final.exists():
         return json.loads(sidecar.read_text())
-    written, skipped = 0, 0
+    written, skipped, sides = 0, 0, collections.Counter()
     with tempfile.TemporaryDirectory() as scratch:
         local = f'{scratch}/{final.name}'
         writer = array_record_module.ArrayRecordWriter(local, 'group_size:1')
         for encoded, label in _examples(cfg_json, job):
             try:
-                writer.write(store.encode_record(label, shrink(encoded, max_side, quality)))
+                stored, side = shrink(encoded, max_side, quality)
+                writer.write(store.encode_record(label, stored))
                 written += 1
-            except (OSError, ValueError, TypeError) as error:  # PIL: corrupt or not an image
+                sides[side] += 1
+            except (*pil_preprocess.UNREADABLE, TypeError) as error:  # corrupt, a bomb
                 logging.warning('Skipping an undecodable image in %s: %s', final.name, error)
                 skipped += 1
         writer.close()
@@ -157,7 +190,9 @@ def write_shard(cfg_json: str, job: Job, out: str, max_side: int, quality: int) 
         partial = folder / (final.name + '.partial')
         epath.Path(local).copy(partial, overwrite=True)
         partial.replace(final)
-    counts = {'num_examples': written, 'skipped': skipped}
+    counts = {'num_examples': written, 'skipped': skipped,
+              'sides': {str(k): v for k, v in sorted(sides.items())},
+              'made_with': settings(cfg_json, max_side, quality)}
     partial = folder / (sidecar.name + '.partial')
     partial.write_text(json.dumps(counts))
     partial.replace(sidecar)
@@ -188,11 +223,42 @@ def _classes(cfg_json: str) -> tuple[str, ...]:
         return tuple(found.info.features[label_key].names)
 
 
+def _median_side(sidecars: list[dict]) -> int | None:
+    """The median larger side over the shards' side counts (info.image_side)."""
+    counts = collections.Counter()
+    for sidecar in sidecars:
+        counts.update({int(k): v for k, v in sidecar.get('sides', {}).items()})
+    total, seen = sum(counts.values()), 0
+    for side in sorted(counts):
+        seen += counts[side]
+        if 2 * seen >= total:
+            return side
+    return None
+
+
+def _kept_splits(out: str, splits: list[str]) -> dict[str, store.SplitInfo]:
+    """The splits an earlier run with the same settings wrote and this one does not redo."""
+    try:
+        earlier = store.read_info(out)
+    except FileNotFoundError:
+        return {}
+    return {name: split for name, split in earlier.splits.items() if name not in splits}
+
+
+def _sidecars(out: str, splits: dict[str, store.SplitInfo]) -> list[dict]:
+    root = epath.Path(out)
+    return [json.loads((root / name / (shard + '.json')).read_text())
+            for name, split in splits.items() for shard in split.shards]
+
+
 def prepare(cfg_json: str, splits: list[str], out: str, *, max_side: int, quality: int,
             examples_per_shard: int, workers: int) -> store.StoreInfo:
-    """Writes every missing shard of `splits` under `out`, then store.json."""
+    """Writes every missing shard of `splits` under `out`, then store.json (which also lists
+    the splits an earlier run with the same settings wrote there). Refuses, in one line, an
+    `out` holding shards made with other settings."""
     from tqdm import tqdm
 
+    check_earlier_run(out, settings(cfg_json, max_side, quality))
     jobs = []
     for split in splits:
         size = _split_size(cfg_json, split)
@@ -211,13 +277,15 @@ def prepare(cfg_json: str, splits: list[str], out: str, *, max_side: int, qualit
     skipped = sum(result['skipped'] for result in results.values())
     if skipped:
         logging.warning('Skipped %d undecodable image(s).', skipped)
+    kept = _kept_splits(out, splits)
+    written = {split: store.SplitInfo(
+        sum(results[job]['num_examples'] for job in jobs if job.split == split),
+        tuple(store.shard_name(split, job.index, job.count)
+              for job in jobs if job.split == split)) for split in splits}
     info = store.StoreInfo(
-        classes=_classes(cfg_json),
-        splits={split: store.SplitInfo(
-            sum(results[job]['num_examples'] for job in jobs if job.split == split),
-            tuple(store.shard_name(split, job.index, job.count)
-                  for job in jobs if job.split == split)) for split in splits},
-        max_side=max_side, quality=quality, source=json.loads(cfg_json)['dataset'])
+        classes=_classes(cfg_json), splits={**kept, **written}, max_side=max_side,
+        quality=quality, source=json.loads(cfg_json)['dataset'],
+        image_side=_median_side(list(results.values()) + _sidecars(out, kept)))
     partial = epath.Path(out) / (store.METADATA + '.partial')
     partial.write_text(info.to_json())
     partial.replace(epath.Path(out) / store.METADATA)
@@ -229,13 +297,17 @@ def main(argv: list[str]) -> None:
     if not FLAGS.out:
         raise app.UsageError('--out=DIR is required: where to write the store.')
     import os
+    import sys
 
     cfg_json = json.dumps({
         'dataset': FLAGS.dataset, 'data_dir': FLAGS.data_dir, 'train_split': FLAGS.train_split,
         'eval_split': FLAGS.eval_split, 'holdout_fraction': FLAGS.holdout_fraction})
-    info = prepare(cfg_json, FLAGS.splits, FLAGS.out, max_side=FLAGS.max_side,
-                   quality=FLAGS.quality, examples_per_shard=FLAGS.examples_per_shard,
-                   workers=FLAGS.workers or os.cpu_count() or 1)
+    try:
+        info = prepare(cfg_json, FLAGS.splits, FLAGS.out, max_side=FLAGS.max_side,
+                       quality=FLAGS.quality, examples_per_shard=FLAGS.examples_per_shard,
+                       workers=FLAGS.workers or os.cpu_count() or 1)
+    except ValueError as error:  # settings that do not fit OUT or the source: one line
+        sys.exit(f'prepare: {error}')
     sizes = {name: split.num_examples for name, split in info.splits.items()}
     print(f'Wrote {FLAGS.out}: {sizes}, {len(info.classes)} classes. Train with '
           f"data.dataset='prepared' data.data_dir={FLAGS.out}")

@@ -44,6 +44,9 @@ def read_image_bytes(path: str) -> tuple[bytes, str]:
         with Image.open(io.BytesIO(encoded)) as image:
             image_format = image.format or ''
             image.load()  # a truncated or corrupt body fails here, not only a bad header
+    except Image.DecompressionBombError as error:  # not an OSError: PIL's size limit
+        raise ValueError(f'{path} is too large to decode safely ({error}); shrink it, or '
+                         'raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.') from None
     except UnidentifiedImageError:
         raise ValueError(f'{path} is not an image: PIL knows no image format with its contents; '
                          'pass a JPEG, PNG, GIF, BMP, WEBP or TIFF file.') from None
@@ -69,7 +72,7 @@ def load_eval_image(path: str, data_cfg: ml_collections.ConfigDict) -> np.ndarra
         encoded = image_folder._pil_to_png(encoded)  # as the folder source does for TIFF etc.
     from resnet_flax.data import tf_pipeline
 
-    example_fn = tf_pipeline.eval_example_fn(data_cfg, _eval_crop(data_cfg))
+    example_fn = tf_pipeline.eval_example_fn(data_cfg, _eval_crop(data_cfg, encoded))
     try:
         image, _ = example_fn(tf_pipeline.tf.constant(encoded), tf_pipeline.tf.constant(0))
     except tf_pipeline.tf.errors.OpError as error:
@@ -78,12 +81,19 @@ def load_eval_image(path: str, data_cfg: ml_collections.ConfigDict) -> np.ndarra
     return np.asarray(image, np.uint8)
 
 
-def _eval_crop(data_cfg) -> str:
-    """The eval crop the image-folder or TFDS source chooses."""
+def _eval_crop(data_cfg, encoded: bytes) -> str:
+    """The eval crop the image-folder or TFDS source chooses; for a folder that is not here
+    (predicting elsewhere), the same rule applied to this image's size."""
     if data_cfg.dataset == 'image_folder':
+        from PIL import Image
+
         from resnet_flax.data import image_folder
 
-        return image_folder._recipes(data_cfg)[1]
+        try:
+            return image_folder._recipes(data_cfg)[1]
+        except (FileNotFoundError, ValueError):
+            with Image.open(io.BytesIO(encoded)) as image:
+                return info_lib.crops(data_cfg, max(image.size))[1]
     from resnet_flax.data import tfds_source
 
     return tfds_source.recipes(data_cfg, _tfds_builder(data_cfg))[1]

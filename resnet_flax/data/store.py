@@ -5,6 +5,7 @@ Written by `python -m resnet_flax.data.prepare`, read by the grain loader
 
     ROOT/store.json                      classes, splits, sizes, how it was made
     ROOT/<split>/<split>-00003-of-00016.array_record
+    ROOT/<split>/<split>-00003-of-00016.array_record.json   its count, and how it was made
 
 A record is the label as 4 little-endian bytes (uint32) followed by the encoded image (JPEG
 at the store's quality, longest side at most max_side). Shards hold contiguous runs of the
@@ -40,6 +41,9 @@ class StoreInfo:
     max_side: int
     quality: int
     source: str  # what it was prepared from, for the record
+    # The median larger side of the stored images (they keep their size up to max_side):
+    # picks the default recipe (info.crops). None in stores written before it was recorded.
+    image_side: int | None = None
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)

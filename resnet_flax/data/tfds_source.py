@@ -127,18 +127,10 @@ def _image_max_side(builder) -> int | None:
     return max(shape[0], shape[1])
 
 
-def is_small(builder: tfds.core.DatasetBuilder) -> bool:
-    side = _image_max_side(builder)
-    return side is not None and side <= info_lib.SMALL_IMAGE_MAX_SIDE
-
-
 def recipes(data_cfg: ml_collections.ConfigDict,
             builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
-    """(train crop, eval crop) with '' resolved from the image size."""
-    small = is_small(builder)
-    train = data_cfg.train_crop or ('pad' if small else 'inception')
-    evaluation = data_cfg.eval_crop or ('resize' if small else 'center')
-    return train, evaluation
+    """(train crop, eval crop) with '' resolved from the declared image size."""
+    return info_lib.crops(data_cfg, _image_max_side(builder))
 
 
 def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
@@ -152,6 +144,7 @@ def get_info(data_cfg: ml_collections.ConfigDict) -> info_lib.DatasetInfo:
         num_eval_examples=num_examples(found, data_cfg.eval_split),
         image_shape=(size, size, info_lib.CHANNELS),
         label_names=tuple(labels.names),
+        image_side=_image_max_side(found),
     )
 
 
