@@ -560,8 +560,10 @@ def test_prepare_from_tfds_array_record(imagenet_array_record, tmp_path):
     info = prepare.prepare(cfg_json, ['train', 'validation'], str(tmp_path), max_side=256,
                            quality=90, examples_per_shard=8, workers=1)
     assert info.splits['validation'].num_examples == 6 and len(info.classes) == 1000
-    stored = imagenet_config(str(tmp_path), dataset='prepared')
-    direct = imagenet_config(imagenet_array_record)
+    # One recipe on both sides: the default follows the images' size, which the store records
+    # and this TFDS set does not declare.
+    stored = imagenet_config(str(tmp_path), dataset='prepared', train_crop='inception')
+    direct = imagenet_config(imagenet_array_record, train_crop='inception')
     # Images under max_side keep their bytes: the same batches, bit for bit.
     for a, b in zip(train(stored, 3, global_batch_size=4), train(direct, 3, global_batch_size=4),
                     strict=True):

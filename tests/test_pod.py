@@ -475,7 +475,7 @@ def test_train_py_on_two_processes_trains_on_tfds_and_evaluates_every_example(
         'eval_batch_size': 4})]
     workdir = tmp_path / 'run'
     outputs = _two_processes(flags, workdir)
-    assert 'on 2 devices in 2 processes' in outputs[0], outputs[0][-2000:]
+    assert 'Training on 2 x cpu (cpu), 2 processes.' in outputs[0], outputs[0][-2000:]
     records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
     assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
     evals = [r for r in records if r['split'] == 'eval']

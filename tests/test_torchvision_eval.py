@@ -184,9 +184,10 @@ def test_image_flag_on_converted_weights_prints_torchs_top5_by_name(jpegs, tmp_p
 
 
 def _printed_names(text: str, count: int) -> dict[str, list[str]]:
-    """{image path: its top-k names} from eval.py's text output."""
+    """{image path: its top-k names} from eval.py's text output (after its first line, which
+    names the checkpoint and weights used)."""
     found, current = {}, None
-    for line in text.splitlines():
+    for line in text.splitlines()[1:]:
         match = re.match(r'\s+\d+\. (.+?)\s+\d\.\d{4}$', line)
         if match and current is not None:
             found[current].append(match.group(1))
