@@ -403,6 +403,19 @@ def _variant_result(variant: dict[str, Any], torch_images_per_sec: float,
     return out
 
 
+def _alternate_windows(jax_runner, variants: list[dict], torch_setup
+                       ) -> tuple[list[float], list[float]]:
+    """Times JAX (and its variants, into their own 'times') and PyTorch window by window,
+    alternating which goes first, so both see the same machine. Returns (jax, torch) times."""
+    torch_times, jax_times = [], []
+    for window in range(FLAGS.windows):
+        sides = [(jax_runner, jax_times), *((v['runner'], v['times']) for v in variants),
+                 (torch_setup, torch_times)]
+        for run, times in sides if window % 2 == 0 else reversed(sides):
+            times.extend(common.time_windows(run, FLAGS.steps, 1, 0))
+    return jax_times, torch_times
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -436,12 +449,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.warmup:
         for run in [jax_runner] + [v['runner'] for v in variants]:
             run(FLAGS.warmup)
-    torch_times, jax_times = [], []
-    for window in range(FLAGS.windows):  # alternate, and alternate which goes first
-        sides = [(jax_runner, jax_times), *((v['runner'], v['times']) for v in variants),
-                 (setup, torch_times)]
-        for run, times in sides if window % 2 == 0 else reversed(sides):
-            times.extend(common.time_windows(run, FLAGS.steps, 1, 0))
+    jax_times, torch_times = _alternate_windows(jax_runner, variants, setup)
     torch_out = torch_result(setup, config, first_step_s, torch_times, flops_per_image,
                              compile_error)
     jax_out = dict(
