@@ -31,7 +31,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 import resnet_flax
-from resnet_flax import run_config, storage
+from resnet_flax import run_config, save_watch, storage
 
 PyTree = Any
 CHECKPOINT_DIR = 'checkpoints'
@@ -84,6 +84,9 @@ def create_manager(
         create=not read_only,
         read_only=read_only,
     )
+    if not read_only:
+        save_watch.start()
+        _quiet_abandoned_reads()
     handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers)
 
@@ -125,6 +128,7 @@ def save(
     metrics: dict[str, float] | None = None,
 ) -> None:
     """Starts an asynchronous save; returns once the arrays are copied off the devices."""
+    check_background_save(manager)
     meta = {
         'step': int(step),
         'code_version': code_version(),
@@ -141,10 +145,34 @@ def save(
             metrics=metrics,
             force=True,
         )
+    _in_flight[id(manager)] = int(step)
+
+
+# Per manager (by id): the step of the save last started, and whether a save of it failed
+# (after which nothing waits on it: its threads may wait for the other processes for good).
+_in_flight: dict[int, int] = {}
+_failed: set[int] = set()
+
+
+def check_background_save(manager: ocp.CheckpointManager) -> None:
+    """Raises CheckpointWriteError if a background save failed on this process, as soon as
+    orbax has logged it (save_watch.py): cheap enough to call after every step."""
+    error = save_watch.failure()
+    if error is not None:
+        _failed.add(id(manager))
+        raise _write_error(manager, _in_flight.get(id(manager)), error) from error
 
 
 def wait_until_saved(manager: ocp.CheckpointManager) -> None:
-    """Blocks until the save in flight is committed; a storage failure is one line."""
+    """Blocks until the save in flight is committed; a storage failure is one line. After a
+    failed save, only lets orbax's threads end (with several processes, it returns at once:
+    they may be waiting for the others' part of that save, for good)."""
+    check_background_save(manager)
+    if id(manager) in _failed:
+        if jax.process_count() == 1:
+            with contextlib.suppress(Exception):  # the failure was reported already
+                manager.wait_until_finished()
+        return
     with _write_errors_explained(manager, None):
         manager.wait_until_finished()
 
@@ -162,16 +190,35 @@ def _write_errors_explained(manager: ocp.CheckpointManager, step: int | None):
     except Exception as error:
         if not storage.is_storage_error(error):
             raise
+        _failed.add(id(manager))
+        save_watch.failure()  # this one, logged by orbax too: reported here, once
         intact = manager.latest_step()
         failed = newest_before if newest_before != intact else step
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        kept = (f'the checkpoints up to step {intact} are intact' if intact is not None
-                else 'no checkpoint had been committed yet')
-        what = f'the checkpoint of step {failed}' if failed is not None else 'a checkpoint'
-        raise CheckpointWriteError(
-            f'Could not save {what} to {manager.directory}: a storage error ({reason}); '
-            f'{kept}. Check the storage (network, credentials, free space), then run the '
-            'same command to resume.') from error
+        raise _write_error(manager, failed, error) from error
+
+
+def _write_error(manager: ocp.CheckpointManager, failed: int | None,
+                 error: BaseException) -> CheckpointWriteError:
+    """The one line for a save of step `failed` that could not be written, and what is kept."""
+    intact = max((s for s in manager.all_steps() if failed is None or s < failed), default=None)
+    reason = _shortened(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    kind = 'a storage error' if storage.is_storage_error(error) else 'an error'
+    kept = (f'the checkpoints up to step {intact} are intact' if intact is not None
+            else 'no checkpoint had been committed yet')
+    what = f'the checkpoint of step {failed}' if failed is not None else 'a checkpoint'
+    return CheckpointWriteError(
+        f'Could not save {what} to {manager.directory}: {kind} ({reason}); '
+        f'{kept}. Check the storage (network, credentials, free space), then run the '
+        'same command to resume.')
+
+
+def _shortened(text: str, limit: int = 240) -> str:
+    """`text` cut in its middle to `limit` characters: tensorstore names the file first and
+    the OS error last."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f'{text[:half]} ... {text[-half:]}'
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -411,8 +458,8 @@ def _written_by_other_libraries(step_dir: epath.Path) -> str:
 
 
 class _AbandonedReadsFilter(std_logging.Filter):
-    """asyncio's 'Task exception was never retrieved' for tensorstore reads a failed restore
-    left behind."""
+    """asyncio's 'Task exception was never retrieved' for tensorstore reads (or writes) a
+    failed restore (or save) left behind."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -425,7 +472,8 @@ def _quiet_abandoned_reads() -> None:
     still reads the step's other arrays; each of those then ends in a traceback (10 to 75 over
     one failed resume of the tiny model), which would bury the one-line error. Those two
     reports are dropped; nothing else is. Installed before the first read, since they arrive
-    from tensorstore's threads while the failure is still being raised."""
+    from tensorstore's threads while the failure is still being raised. A save that failed
+    leaves writes behind the same way (about 20 tracebacks after an outage of 90 s)."""
     if getattr(_quiet_abandoned_reads, 'installed', False):
         return
     _quiet_abandoned_reads.installed = True

@@ -37,15 +37,17 @@ class _DropKnownNoise(std_logging.Filter):
 
 
 class _ShortStorageTracebacks(std_logging.Filter):
-    """A storage outage ends the run with one line of ours (checkpoint.CheckpointWriteError);
-    the clients' own reports of it (orbax's save thread, gcsfs's retries) keep their message
-    and the error's first line, without the 30-line traceback."""
+    """A storage outage, or any save that fails, ends the run with one line of ours
+    (checkpoint.CheckpointWriteError); the clients' own reports of it (orbax's save threads,
+    gcsfs's retries) keep their message and the error's first line, without the 30-line
+    traceback."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         from resnet_flax import storage
 
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and storage.is_storage_error(error):
+        from_orbax = '/orbax/checkpoint/' in record.pathname.replace('\\', '/')
+        if error is not None and (storage.is_storage_error(error) or from_orbax):
             first = (str(error).splitlines() or [type(error).__name__])[0][:200]
             if first not in record.getMessage():
                 suffix = first.replace('%', '%%') if record.args else first  # %-formatted
@@ -151,17 +153,23 @@ def run(main: Callable[[list[str]], None], default_config: str | Path | None = N
         except _USER_ERRORS as error:
             logging.vlog(1, 'Stopped by error', exc_info=True)
             print(f'Error: {error}', file=sys.stderr, flush=True)
-            sys.exit(1)
+            _exit(1)
         except OSError as error:  # storage or disk, once the clients' own retries gave up
             logging.vlog(1, 'Stopped by error', exc_info=True)
             reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
             print(f'Error: a storage error stopped it ({reason}); what was written before is '
                   'kept. Check the storage (network, credentials, free space), then run the '
                   'same command again.', file=sys.stderr, flush=True)
-            sys.exit(1)
+            _exit(1)
         except KeyboardInterrupt:  # before or after the loop, which saves on Ctrl-C itself
             print('\nInterrupted (Ctrl-C); the checkpoints already written are kept.',
                   file=sys.stderr, flush=True)
-            sys.exit(130)
+            _exit(130)
 
     app.run(guarded)
+
+
+def _exit(code: int) -> None:
+    from resnet_flax import peer_watch  # imports jax: not before the flags are read
+
+    peer_watch.exit(code)

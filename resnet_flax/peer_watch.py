@@ -12,7 +12,11 @@ says so first, so that ending is never taken for dying; the coordination service
 away (it lives in process 0) counts as process 0 dying, unless process 0 had said it ended.
 A process that stopped on an error of its own (a storage outage that only it saw, ...) leaves
 the others waiting for it in the next collective just the same: they too stop in one line
-`DEAD_AFTER_SECONDS` later, unless they are stopping on an error of their own.
+`DEAD_AFTER_SECONDS` later, naming it and its error, unless they are stopping on an error of
+their own. Once the others have gone, that process exits at once after its line (`exit`):
+library threads (orbax's, waiting for the others' part of a save) and JAX's shutdown barrier
+would otherwise hold it for minutes. Process 0 hosts the coordination service, and a process
+that loses it is aborted by JAX, so process 0 is the last to go.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ BEAT_SECONDS = 1.0
 # own heartbeat timeout (100 s), which would abort the survivors first.
 DEAD_AFTER_SECONDS = 6.0
 _KEY = 'resnet_flax/peer_watch/'
-_ENDED = ('done', 'stopped')  # said by a process as it ends: not a death
+_REASON_KEY = 'resnet_flax/peer_watch_reason/'
+# Said by a process as it ends, so not a death: finished, stopped on an error, exited.
+_ENDED = ('done', 'stopped', 'gone')
+_alone = threading.Event()  # this process stopped on an error, and the others have ended
 
 
 class PeerWatch:
@@ -52,12 +59,31 @@ class PeerWatch:
     def start(self) -> None:
         self._thread.start()
 
-    def end(self, how: str) -> None:
-        """Stops the watch and tells the others this process ended ('done' or 'stopped')."""
+    def end(self, how: str, reason: str = '') -> None:
+        """Stops the watch and tells the others this process ended ('done' or 'stopped'), and
+        on what error."""
         self._stop.set()
         self._thread.join()
         with contextlib.suppress(Exception):  # the service may already be gone
+            if reason:
+                self.client.key_value_set(f'{_REASON_KEY}{self.index}', reason,
+                                          allow_overwrite=True)
             self.client.key_value_set(f'{_KEY}{self.index}', how, allow_overwrite=True)
+
+    def wait_for_the_others(self, dead: list[int] = ()) -> bool:
+        """Before exiting on an error: waits until every other process (but the dead) has
+        ended; process 0, until they have gone, since they need its coordination service
+        until then. True if they did."""
+        wanted = ('gone',) if self.index == 0 else _ENDED
+        others = [i for i in range(self.count) if i != self.index and i not in dead]
+        deadline = time.monotonic() + DEAD_AFTER_SECONDS + 4 * BEAT_SECONDS
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                values = dict(self.client.key_value_dir_get(_KEY))
+                if all(values.get(f'{_KEY}{i}') in wanted for i in others):
+                    return True
+            time.sleep(BEAT_SECONDS / 4)
+        return False
 
     def dead(self) -> list[int]:
         """The processes whose beat stopped DEAD_AFTER_SECONDS ago or more (and did not end)."""
@@ -110,17 +136,52 @@ class PeerWatch:
     def exit_for(self, dead: list[int], died: bool = True) -> None:
         """The one line, then exit 1 now: waiting for the dead would take minutes."""
         names = ', '.join(map(str, dead))
+        reasons = '' if died else self._reasons(dead)
         what = ('stopped responding (it died, was killed or lost its host)' if died else
                 'stopped on an error')
-        print(f'Error: process {names} of {self.count} {what} over {DEAD_AFTER_SECONDS:.0f} s '
-              f'ago, so process {self.index} stopped too; the checkpoints committed before are '
-              "intact. Find out why in that process's log, then run the same command on every "
-              'host to resume.', file=sys.stderr, flush=True)
+        tail = (f'. {reasons}' if reasons else
+                "; the checkpoints committed before are intact. Find out why in that "
+                "process's log, then run the same command on every host to resume.")
+        # On a line of its own: a progress bar may be mid-line.
+        print(f'\nError: process {names} of {self.count} {what} over {DEAD_AFTER_SECONDS:.0f} s '
+              f'ago, so process {self.index} stopped too{tail}', file=sys.stderr, flush=True)
         if self.before_exit is not None:
             with contextlib.suppress(Exception):
                 self.before_exit()
+        if self.index == 0:  # the others may still be on their way out
+            with contextlib.suppress(Exception):
+                self.client.key_value_set(f'{_KEY}0', 'stopped', allow_overwrite=True)
+            self.wait_for_the_others(dead if died else [])
+        _say_gone(self.client, self.index)
         sys.stdout.flush()
         os._exit(1)
+
+    def _reasons(self, stopped: list[int]) -> str:
+        """"Process 0's error: <its line>" for each stopped process that said why."""
+        reasons = []
+        for i in stopped:
+            with contextlib.suppress(Exception):
+                reasons.append(f"Process {i}'s error: "
+                               + self.client.key_value_try_get(f'{_REASON_KEY}{i}'))
+        return ' '.join(reasons)
+
+
+def _say_gone(client, index: int) -> None:
+    with contextlib.suppress(Exception):
+        client.key_value_set(f'{_KEY}{index}', 'gone', allow_overwrite=True)
+
+
+def exit(code: int) -> None:  # noqa: A001 - the module's exit, as sys.exit
+    """Ends the process after an error's one line: at once when it stopped on an error and
+    the others have ended (see the module's docstring), else as sys.exit does."""
+    if not _alone.is_set():
+        sys.exit(code)
+    from jax._src import distributed
+
+    _say_gone(distributed.global_state.client, jax.process_index())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager
@@ -149,6 +210,9 @@ def watching(before_exit: Callable[[], None] | None = None):
         dead = watch.dead()
         if dead:
             watch.exit_for(dead)
-        watch.end('stopped')
+        error = sys.exc_info()[1]
+        watch.end('stopped', reason=(str(error).splitlines() or [''])[0][:1000])
+        if watch.wait_for_the_others():
+            _alone.set()
         raise
     watch.end('done')

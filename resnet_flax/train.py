@@ -302,7 +302,7 @@ def _restore_or_init(config, parts: StepParts, manager, info):
     unless config.checkpoint_fallback='scratch' says to move them aside and start over."""
     try:
         state = checkpoint.restore_latest(manager, parts.target, model_config=config.model,
-                                          fallback=config.get('checkpoint_fallback', 'one'))
+                                          fallback=config.checkpoint_fallback)
     except BaseException:
         manager.close()  # else its threads print tracebacks at exit, under the one-line error
         raise
@@ -446,6 +446,9 @@ def _loop(run: _Run) -> bool:
     pacer = input_wait.StepPacer(run.config.max_steps_ahead)
     run.window_start = run.run_start = time.time()
     while run.step < schedule.total_steps:
+        # A save that failed stops the run now, not in the next save's wait (which, if it
+        # failed on this process alone, waits for the others' part of it for 20 minutes).
+        checkpoint.check_background_save(run.manager)
         if run.preemption.should_stop(run.manager, run.step):
             _save_for_preemption(run)
             return True

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoint, workdir_lock
+from resnet_flax import checkpoint, peer_watch, workdir_lock
 from tests.tiny import (
     REPO,
     TINY_FLAGS,
@@ -50,12 +50,14 @@ class _Pod:
 
     def __init__(self, flags: list[str], workdir, env_of_process=None,
                  command: tuple[str, ...] = ('train.py',)):
+        """`workdir`: one for both, or a list: each process's own view of it."""
         port = _free_port()
-        workdir_flags = [f'--workdir={workdir}'] if workdir is not None else []
+        workdirs = workdir if isinstance(workdir, list) else [workdir] * 2
         self.logs = [tempfile.TemporaryFile('w+') for _ in range(2)]  # noqa: SIM115 - __exit__
         self.procs = [
             subprocess.Popen(
-                [sys.executable, *command, *flags, *workdir_flags,
+                [sys.executable, *command, *flags,
+                 *([f'--workdir={workdirs[i]}'] if workdirs[i] is not None else []),
                  f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                  f'--process_id={i}'],
                 cwd=REPO, env=cpu_env(1, **(env_of_process or {}).get(i, {})),
@@ -311,8 +313,6 @@ def test_when_one_process_dies_the_other_stops_within_seconds_in_one_line(tmp_pa
     """SIGKILL to process 1 mid-training (a crashed host): process 0 used to wait about 100 s
     for it (JAX's shutdown barrier, then an abort with a page of C++ log). Now it stops
     within seconds, exit 1, its last line naming the dead process."""
-    from resnet_flax import peer_watch
-
     workdir = tmp_path / 'run'
     with _Pod(PREEMPT_FLAGS, workdir, xla_cache) as pod:
         _wait_until_training(pod, workdir)
@@ -331,6 +331,66 @@ def test_when_one_process_dies_the_other_stops_within_seconds_in_one_line(tmp_pa
     assert seconds < peer_watch.DEAD_AFTER_SECONDS + 10, seconds
     assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released on the way out
     print(f'\nPOD process 1 killed: process 0 stopped in {seconds:.1f} s', flush=True)
+
+
+SAVE_FAILURE_FLAGS = ['--config=configs/digits.py', *override_flags({
+    **TINY_FLAGS, 'num_train_steps': 40, 'eval_every_steps': 1000,
+    'checkpoint_every_steps': 5})]
+
+
+def _views_of_one_store(tmp_path) -> list:
+    """Each process's workdir, whose checkpoints/ is a link to one shared store (as each host
+    mounts the same bucket): replacing a process's link breaks the storage for it alone."""
+    store = tmp_path / 'store'
+    store.mkdir()
+    views = [tmp_path / f'process-{i}' for i in range(2)]
+    for view in views:
+        view.mkdir()
+        (view / checkpoint.CHECKPOINT_DIR).symlink_to(store, target_is_directory=True)
+    return views
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('failing', [0, 1])
+def test_a_save_that_fails_on_one_process_stops_both_within_seconds_in_one_line(
+        tmp_path, xla_cache, failing):
+    """The checkpoint directory stops being writable on one host of two (it lost its storage
+    mount) while the run saves every 5 steps. The other processes used to wait in orbax's
+    barriers for that host's part of the save (20 minutes), and it for theirs: the run hung.
+    Now the host whose save failed stops in one line saying what is intact, the other stops
+    within seconds in one line naming it and that error, and once the storage is back the
+    same command resumes from the intact step."""
+    views = _views_of_one_store(tmp_path)
+    broken = views[failing] / checkpoint.CHECKPOINT_DIR
+    with _Pod(SAVE_FAILURE_FLAGS, views, xla_cache) as pod:
+        while not (tmp_path / 'store' / '5').is_dir():  # committed: renamed from its tmp name
+            assert all(p.poll() is None for p in pod.procs), '\n'.join(pod.outputs())[-3000:]
+            time.sleep(0.05)
+        broken.unlink()
+        broken.write_text('not a directory')  # the next save fails here, with ENOTDIR
+        started = time.monotonic()
+        codes = pod.wait(STOP_DEADLINE)
+        seconds = time.monotonic() - started
+        outputs = pod.outputs()
+    lines = [[line for line in output.splitlines() if line.strip()][-1] for output in outputs]
+    assert codes == [1, 1], '\n'.join(o[-2000:] for o in outputs)
+    own = lines[failing]
+    assert own.startswith('Error: Could not save the checkpoint of step '), outputs[failing][-3000:]
+    assert 'the checkpoints up to step ' in own and 'run the same command to resume.' in own
+    other = lines[1 - failing]
+    assert other.startswith(f'Error: process {failing} of 2 stopped on an error'), other
+    assert other.endswith(f"Process {failing}'s error: {own[len('Error: '):]}"), other
+    for output in outputs:
+        assert 'Traceback' not in output, output[-5000:]
+    assert seconds < 2 * peer_watch.DEAD_AFTER_SECONDS + 30, seconds
+    intact = int(own.split('the checkpoints up to step ')[1].split()[0])
+
+    broken.unlink()
+    broken.symlink_to(tmp_path / 'store', target_is_directory=True)  # the storage is back
+    outputs = _two_processes(SAVE_FAILURE_FLAGS, views, xla_cache)
+    assert [_resumed_from(o) for o in outputs] == [intact, intact], outputs[0][-2000:]
+    print(f'\nPOD save failed on process {failing}: both stopped in {seconds:.1f} s, '
+          f'resumed from step {intact}', flush=True)
 
 
 def _two_saved_steps(tmp_path):
