@@ -15,8 +15,8 @@ feature maps of a ResNet's last stages (a 3x3 conv on 2x2 or 1x1 maps with 256-5
 library. Autodiff then turns the backward pass into GEMMs too: the input gradient is
 dy @ kernel^T scattered back by the slices' transposes (pads and adds), and the kernel gradient
 is patches^T @ dy (both 2-D, see `pixels_times_kernel`), instead of a convolution whose window
-spans the whole activation. Results
-agree with XLA's convolution to float rounding (the sums run in another order).
+spans the whole activation. Results agree with XLA's convolution to float rounding (the sums
+run in another order).
 
 The cost is memory: the patches of each kh x kw conv (kh*kw times its input) are kept for the
 backward pass (a 1x1 conv keeps at most its input). So `'auto'` takes im2col only for layers whose
