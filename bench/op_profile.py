@@ -10,7 +10,10 @@ what it does. The kind comes from the op's HLO in the compiled step:
 - `conv fwd`, `conv bwd-input`, `conv bwd-filter`: a convolution (alone or in a fusion). The
   backward ones come from `transpose(jvp(...))`; the filter gradient is the one whose window
   spans the whole input (its output has the kernel's shape).
-- `dot`: matrix products (the classifier head).
+- `dot`: matrix products in a library fusion (the GEMM convs' forward and input gradient, the
+  head). Plain `dot`s (the GEMM convs' kernel gradients) run on Eigen asynchronously: the trace
+  holds only their launch, so the table counts them and their GFLOP apart, and gives the
+  step's wall time (ops also overlap on the threads: the sum is not the step).
 - `reduce`: fusions with a reduction (BN statistics and their gradients, the loss, norms).
 - `layout copy`: plain transposes and copies (operands re-laid-out for a library call).
 - `transpose fusion`: elementwise work (mostly BN's backward) fused with such a transpose.
@@ -33,6 +36,7 @@ import gzip
 import json
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ flags.DEFINE_bool('convs', False, 'Only list the convs: the path model.conv_impl
 
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) (\w[\w-]*)\((.*)$')
+_NAME = re.compile(r'^\s*(?:ROOT )?%(\S+) = ')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) ')
 
 
@@ -111,9 +116,25 @@ def classify(hlo: str) -> dict[str, str]:
 
 def op_source(hlo: str, name: str) -> str:
     """The jax op (and flax module path) a top-level op came from: the first op_name in its
-    line or its fusion's body."""
+    line or its fusion's body; for an op XLA made up (no op_name: the iotas and broadcasts it
+    expands some ops into), 'feeds ' and the op_name of the first op that reads it."""
     comps, entry = _computations(hlo)
-    line = next((line for line in comps.get(entry, []) if f'%{name} = ' in line), '')
+    lines = comps.get(entry, [])
+    line = next((line for line in lines if f'%{name} = ' in line), '')
+    source = _first_op_name(comps, line)
+    frontier = [name] if line and not source else []
+    for _ in range(4):  # through get-tuple-elements and other unnamed ops XLA added
+        operand = re.compile('|'.join(rf'[(, ]%{re.escape(n)}[,)]' for n in frontier) or '$^')
+        consumers = [c for c in lines if operand.search(c.split(' = ', 1)[-1])]
+        for consumer in consumers:
+            source = _first_op_name(comps, consumer)
+            if source:
+                return ('feeds ' + source)[-90:]
+        frontier = [m.group(1) for c in consumers if (m := _NAME.match(c))]
+    return source
+
+
+def _first_op_name(comps: dict[str, list[str]], line: str) -> str:
     called = re.search(r'calls=%([\w.-]+)', line)
     body = comps.get(called.group(1), []) if called else []
     for text in [line, *body]:
@@ -121,6 +142,37 @@ def op_source(hlo: str, name: str) -> str:
         if match:
             return match.group(1)[-90:]
     return ''
+
+
+def async_dots(hlo: str) -> dict[str, float]:
+    """How many top-level `dot`s (not in a library fusion) the step holds, and their GFLOP.
+
+    XLA:CPU runs these with Eigen asynchronously: the profile holds only their launch (0.1 ms
+    for a 4.6 ms product), so their time is missing from the per-kind sums. Here they are the
+    convs' kernel gradients (patches^T @ dy) and the head's."""
+    comps, entry = _computations(hlo)
+    shapes = {}
+    count, flops = 0, 0.0
+    for line in comps.get(entry, []):
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, opcode, rest = match.groups()
+        inside = re.match(r'\w+\[([\d,]*)\]', shape)
+        dims = [int(d) for d in inside.group(1).split(',') if d] if inside else []
+        shapes[name] = dims
+        if opcode != 'dot':
+            continue
+        lhs = shapes.get(rest.split(',')[0].strip(' %'), [])
+        contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+        k = 1
+        for d in (contracting.group(1).split(',') if contracting and contracting.group(1) else []):
+            k *= lhs[int(d)] if int(d) < len(lhs) else 1
+        out = 1
+        for d in dims:
+            out *= d
+        count, flops = count + 1, flops + 2.0 * out * k
+    return dict(count=count, gflop=round(flops / 1e9, 2))
 
 
 def _kind_of(opcode: str, body: list[str], call: str) -> str:
@@ -150,8 +202,9 @@ def _trace_events(directory: Path) -> list[dict[str, Any]]:
         return json.load(f)['traceEvents']
 
 
-def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, list]:
-    """ms per step of each kind, and the slowest single ops, from a jax.profiler trace."""
+def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, list, dict]:
+    """ms per step of each kind, the slowest single ops (from a jax.profiler trace), and the
+    step's wall ms and asynchronous dots (whose time the trace misses)."""
     compiled, _ = common.compile_step(setup)
     hlo = compiled.as_text()
     kinds = classify(hlo)
@@ -159,7 +212,9 @@ def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, lis
     runner(max(warmup, 1))
     with tempfile.TemporaryDirectory() as directory:
         jax.profiler.start_trace(directory)
+        start = time.perf_counter()
         runner(steps)
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
         jax.profiler.stop_trace()
         events = _trace_events(Path(directory))
     per_kind: collections.Counter = collections.Counter()
@@ -171,7 +226,8 @@ def profile_jax(setup: common.Setup, steps: int, warmup: int) -> tuple[dict, lis
             per_op[name] += event['dur'] / 1e3 / steps
     top = [dict(op=name, kind=kinds[name], ms_per_step=round(ms, 2), source=op_source(hlo, name))
            for name, ms in per_op.most_common(FLAGS.top)]
-    return dict(per_kind), top
+    return dict(per_kind), top, dict(wall_ms_per_step=round(wall_ms, 1),
+                                     async_dots=async_dots(hlo))
 
 
 _TORCH_KINDS = (  # ATen op name pieces -> kind, first match wins
@@ -274,10 +330,10 @@ def main(argv: list[str]) -> None:
             print(_conv_table(config, rows), flush=True)
         return
     setup = common.setup_train(config)
-    per_kind, top = profile_jax(setup, FLAGS.steps, FLAGS.warmup)
+    per_kind, top, step = profile_jax(setup, FLAGS.steps, FLAGS.warmup)
     result = dict(benchmark='op_profile', **common.describe_config(config, setup.model),
                   jax_ms_per_step=round(sum(per_kind.values()), 1), jax=_shares(per_kind),
-                  jax_top=top, env=common.environment())
+                  jax_top=top, jax_step=step, env=common.environment())
     if FLAGS.with_torch:
         torch_kinds, torch_top = profile_torch(config, FLAGS.steps, FLAGS.warmup)
         result.update(torch_ms_per_step=round(sum(torch_kinds.values()), 1),
@@ -294,6 +350,11 @@ def _table(result: dict[str, Any]) -> str:
         if side not in result:
             continue
         lines.append(f"\n{side}: {result[side + '_ms_per_step']} ms/step in ops")
+        if side == 'jax':
+            step = result['jax_step']
+            lines.append(f"  (wall {step['wall_ms_per_step']} ms/step, profiled; ops overlap on "
+                         f"the threads; not in the ops: {step['async_dots']['count']} Eigen dots "
+                         f"run asynchronously, {step['async_dots']['gflop']} GFLOP/step)")
         lines += [f"  {k:26s} {v['ms_per_step']:10.1f} ms  {100 * v['share']:5.1f}%"
                   for k, v in result[side].items()]
         lines.append('  slowest ops:')

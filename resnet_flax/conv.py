@@ -14,8 +14,9 @@ feature maps of a ResNet's last stages (a 3x3 conv on 2x2 or 1x1 maps with 256-5
 6-12x as long as this formulation; BENCHMARKS.md, section 10), while a GEMM goes to a tuned
 library. Autodiff then turns the backward pass into GEMMs too: the input gradient is
 dy @ kernel^T scattered back by the slices' transposes (pads and adds), and the kernel gradient
-is patches^T @ dy, instead of a convolution whose window spans the whole activation. Results
-agree with XLA's convolution to float rounding (the sums run in another order).
+is patches^T @ dy (both 2-D, see `pixels_times_kernel`), instead of a convolution whose window
+spans the whole activation. Results agree with XLA's convolution to float rounding (the sums
+run in another order).
 
 The cost is memory: the patches of each kh x kw conv (kh*kw times its input) are kept for the
 backward pass (a 1x1 conv keeps at most its input). So `'auto'` takes im2col only for layers whose
@@ -97,9 +98,24 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
     patches = im2col(lhs, rhs.shape[:2], tuple(window_strides), pads)
-    kernel = rhs.reshape(-1, rhs.shape[-1])
-    return jnp.einsum('bhwk,ko->bhwo', patches, kernel, precision=precision,
-                      preferred_element_type=preferred_element_type)
+    return pixels_times_kernel(patches, rhs.reshape(-1, rhs.shape[-1]), precision,
+                               preferred_element_type)
+
+
+def pixels_times_kernel(patches: jax.Array, kernel: jax.Array, precision: Any = None,
+                        preferred_element_type: Any = None) -> jax.Array:
+    """[B, H, W, K] patches @ [K, C_out] kernel, as one 2-D matrix product over B*H*W rows.
+
+    Written in 2-D so that the kernel gradient is one 2-D product contracting the rows of both
+    operands (patches^T @ dy), which XLA:CPU runs on the operands as they lie. With the
+    4-D product (an einsum over b, h, w), XLA:CPU wrote dy transposed first: a second, strided
+    copy of every conv's output gradient (BN's backward computed twice), 12% of ResNet-50's
+    step at 112 px (BENCHMARKS.md, section 14).
+    """
+    rows = patches.reshape(-1, patches.shape[-1])
+    out = jnp.dot(rows, kernel, precision=precision,
+                  preferred_element_type=preferred_element_type)
+    return out.reshape(*patches.shape[:-1], kernel.shape[-1])
 
 
 def _is_plain_nhwc(lhs: jax.Array, rhs: jax.Array, lhs_dilation, rhs_dilation,

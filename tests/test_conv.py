@@ -3,6 +3,8 @@ takes the GEMM path where `model.conv_impl` says it does."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +64,27 @@ def test_1x1_conv_is_a_matrix_product_for_every_padding_spelling(stride, padding
 @pytest.mark.parametrize('padding', ['SAME', 'SAME_LOWER'])
 def test_string_padding_of_a_3x3_conv_is_resolved_as_lax_resolves_it(padding):
     assert _check_against_xla(3, 2, padding, 6, 3) == 0  # even size: SAME pads (0, 1)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="checks XLA:CPU's compiled step")
+@pytest.mark.parametrize('kernel, c_in, c_out', [(1, 8, 32), (3, 16, 8)])
+def test_kernel_gradient_reads_the_output_gradient_as_it_lies(kernel, c_in, c_out):
+    # The kernel gradient patches^T @ dy contracts the pixel rows of both operands. Written as a
+    # 4-D einsum, XLA:CPU first wrote dy transposed ([c_out, pixels]: a strided copy of every
+    # conv's output gradient, BN's backward fused in twice); the 2-D product reads it in place.
+    x = jnp.ones((2, 6, 6, c_in))
+    w = jnp.ones((kernel, kernel, c_in, c_out))
+
+    def loss(x, w, scale):
+        y = conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)
+        y = (y - jnp.mean(y, (0, 1, 2))) * scale  # dy comes out of a fusion, as BN's backward
+        return jnp.sum(jnp.maximum(y, 0) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w, jnp.ones(c_out)).compile().as_text()
+    entry = hlo[hlo.index('ENTRY'):]
+    assert f'f32[{c_out},{x.size // c_in}]' not in entry  # no transposed copy of dy
+    # ... and one product contracting the leading (pixel) dimension of both operands.
+    assert re.search(r' dot\(.*lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{0\}', entry)
 
 
 def test_unsupported_convolutions_go_to_xla_unchanged():
