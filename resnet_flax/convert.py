@@ -120,12 +120,14 @@ def model_fields(state_dict: Mapping[str, Any], name: str, num_classes: int | No
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], name: str,
-                          num_classes: int | None = None, **overrides: Any) -> PyTree:
+                          num_classes: int | None = None, dtype: Any = None,
+                          **overrides: Any) -> PyTree:
     """{'params', 'batch_stats'} of numpy arrays for `models.create(name, ...)`.
 
     `overrides` are `model` config fields (e.g. stage_widths=(8, 16, 32, 64) for a small
-    net of the same layout). A key the model lacks, a key it needs that is absent, or an
-    array of the wrong shape is a one-line ValueError naming the keys.
+    net of the same layout). The arrays take the model's param_dtype, or `dtype` (float64 for
+    the numerics checks against PyTorch). A key the model lacks, a key it needs that is
+    absent, or an array of the wrong shape is a one-line ValueError naming the keys.
     """
     state_dict = {key: value for key, value in state_dict.items()
                   if not key.endswith(IGNORED_SUFFIX)}
@@ -164,7 +166,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str,
                 f'{key} has shape {tuple(as_numpy(state_dict[key]).shape)} but '
                 f'{_describe(name, overrides)} needs {_torch_shape(leaf.shape, ours)} there. '
                 'Check --name (and the model overrides).')
-        out[collection][path] = value.astype(leaf.dtype)
+        out[collection][path] = value.astype(dtype or leaf.dtype)
     return {collection: flax.traverse_util.unflatten_dict(tree, sep='/')
             for collection, tree in out.items()}
 

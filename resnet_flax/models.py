@@ -20,7 +20,8 @@ training: `drop_path_rate` (stochastic depth, rising linearly over the blocks; t
 provides the 'drop_path' RNG stream) and `head_dropout_rate` (dropout before the head, the
 'dropout' stream); both are the identity at eval.
 
-Logits are float32 whatever `model.dtype` is (the head runs in float32, for the loss).
+Logits are float32 whatever lower `model.dtype` is (the pooling and the head run in float32,
+for the loss); a float64 model (numerics checks under JAX_ENABLE_X64) stays float64.
 
 Parameter tree (1:1 with torchvision's state dict; stages and blocks count from 1)::
 
@@ -206,15 +207,17 @@ class ResNet(nn.Module):
             feature_maps[f'stage{i}'] = x
         if self.preactivation:
             x = act(norm(name='final_bn')(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        x = jnp.mean(x.astype(head_dtype), axis=(1, 2))
         x = nn.Dropout(self.head_dropout_rate, deterministic=not train, name='head_dropout')(x)
-        logits = classifier(self.num_classes, self.param_dtype)(x)
+        logits = classifier(self.num_classes, self.param_dtype, head_dtype)(x)
         return {**feature_maps, 'logits': logits} if return_features else logits
 
 
-def classifier(num_classes: int, param_dtype: Any = jnp.float32) -> nn.Dense:
+def classifier(num_classes: int, param_dtype: Any = jnp.float32,
+               dtype: Any = jnp.float32) -> nn.Dense:
     """The head: a float32 dense layer on the pooled features (the `head` params)."""
-    return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=param_dtype,
+    return nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=blocks.dense_kernel_init, name='head')
 
 

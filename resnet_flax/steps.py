@@ -52,10 +52,11 @@ class StepConfig:
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
     """Per-example softmax cross-entropy; `labels` are class ids or soft targets (mixup)."""
     num_classes = logits.shape[-1]
-    targets = labels if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float32, or float64 kept as it is
+    targets = labels if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes, dtype=dtype)
     if label_smoothing > 0:
         targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return optax.softmax_cross_entropy(logits.astype(dtype), targets)
 
 
 def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
