@@ -86,7 +86,7 @@ def create_manager(
     )
     if not read_only:
         save_watch.start()
-        _quiet_abandoned_reads()
+        _quiet_abandoned_io()
     handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers)
 
@@ -467,16 +467,16 @@ class _AbandonedReadsFilter(std_logging.Filter):
                     and 'tensorstore' in str(error))
 
 
-def _quiet_abandoned_reads() -> None:
+def _quiet_abandoned_io() -> None:
     """When one array of a step fails to read, orbax closes its event loop while tensorstore
     still reads the step's other arrays; each of those then ends in a traceback (10 to 75 over
     one failed resume of the tiny model), which would bury the one-line error. Those two
     reports are dropped; nothing else is. Installed before the first read, since they arrive
     from tensorstore's threads while the failure is still being raised. A save that failed
     leaves writes behind the same way (about 20 tracebacks after an outage of 90 s)."""
-    if getattr(_quiet_abandoned_reads, 'installed', False):
+    if getattr(_quiet_abandoned_io, 'installed', False):
         return
-    _quiet_abandoned_reads.installed = True
+    _quiet_abandoned_io.installed = True
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -491,7 +491,7 @@ def _quiet_abandoned_reads() -> None:
 
 def _read(manager, step: int, target: PyTree,
           model_config: Any) -> tuple[PyTree | None, int, str]:
-    _quiet_abandoned_reads()
+    _quiet_abandoned_io()
     try:
         return restore_step(manager, step, target, model_config), _READ, ''
     except CheckpointMismatchError:

@@ -15,10 +15,11 @@ saves what it got to OUT/process-I.npz for the test to compare across processes:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import numpy as np
+
+from tests import pod_process
 
 STEPS_PER_EPOCH = 3  # the test's split: 12 train images, global batch 4
 RESUME_STEP = 4  # inside the second epoch
@@ -72,18 +73,7 @@ def record(data_dir: str) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--coordinator_address', required=True)
-    parser.add_argument('--num_processes', type=int, required=True)
-    parser.add_argument('--process_id', type=int, required=True)
-    parser.add_argument('--data_dir', required=True)
-    parser.add_argument('--out', required=True)
-    args = parser.parse_args()
-
-    from resnet_flax import sharding
-
-    sharding.initialize_distributed(args.coordinator_address, args.num_processes,
-                                    args.process_id)
+    args = pod_process.join('data_dir', 'out')
     np.savez(f'{args.out}/process-{args.process_id}.npz', **record(args.data_dir))
 
 

@@ -13,12 +13,13 @@ cache catching up. Writes DIR/process-I.json: the restored step, or the error an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
 import time
 from pathlib import Path
+
+from tests import pod_process
 
 
 def _put_back_later(source: str, destination: str, seconds: float) -> None:
@@ -50,17 +51,7 @@ def restore(checkpoints: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--coordinator_address', required=True)
-    parser.add_argument('--num_processes', type=int, required=True)
-    parser.add_argument('--process_id', type=int, required=True)
-    parser.add_argument('--views', required=True)
-    args = parser.parse_args()
-
-    from resnet_flax import sharding
-
-    sharding.initialize_distributed(args.coordinator_address, args.num_processes,
-                                    args.process_id)
+    args = pod_process.join('views')
     put_back = os.environ.get('POD_RESTORE_PUT_BACK')
     if put_back:
         source, destination, seconds = put_back.split(':')

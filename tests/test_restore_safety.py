@@ -53,6 +53,16 @@ def _restored_step(state) -> int:
     return int(state['step'])
 
 
+def _refused_with_nothing_changed(manager, target, directory: Path, match: str) -> Exception:
+    """restore_latest stops with CheckpointRestoreError matching `match`, and every file under
+    `directory` is as it was."""
+    before = _fingerprint(directory)
+    with pytest.raises(checkpoint.CheckpointRestoreError, match=match) as raised:
+        checkpoint.restore_latest(manager, target)
+    assert _fingerprint(directory) == before
+    return raised.value
+
+
 def _garbage(step_dir: Path) -> None:
     """64 bytes of noise in the middle of the largest array file: only a checksum sees it."""
     files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
@@ -128,12 +138,10 @@ def test_two_damaged_steps_are_not_walked_past_without_the_flag(tmp_path):
     manager, target = _saved(tmp_path)
     for step in (30, 20):
         _garbage(tmp_path / 'checkpoints' / str(step))
-    before = _fingerprint(tmp_path)
-    with pytest.raises(checkpoint.CheckpointRestoreError,
-                       match=r'steps 30, 20 all fail the same way: .*checksum.*step 10 does, but '
-                             r'nothing was moved: more than one.*checkpoint_fallback=all'):
-        checkpoint.restore_latest(manager, target)
-    assert _fingerprint(tmp_path) == before
+    _refused_with_nothing_changed(
+        manager, target, tmp_path,
+        r'steps 30, 20 all fail the same way: .*checksum.*step 10 does, but '
+        r'nothing was moved: more than one.*checkpoint_fallback=all')
     # Asked for: both moved aside, step 10 restored.
     assert _restored_step(checkpoint.restore_latest(manager, target, fallback='all')) == 10
     assert sorted(p.name.split('-')[0] for p in
@@ -143,11 +151,9 @@ def test_two_damaged_steps_are_not_walked_past_without_the_flag(tmp_path):
 def test_the_only_checkpoint_damaged_stops_instead_of_starting_over(tmp_path):
     manager, target = _saved(tmp_path, steps=(10,))
     _garbage(tmp_path / 'checkpoints' / '10')
-    before = _fingerprint(tmp_path)
-    with pytest.raises(checkpoint.CheckpointRestoreError,
-                       match='No checkpoint.*step 10: .*checksum.*checkpoint_fallback=scratch'):
-        checkpoint.restore_latest(manager, target)
-    assert _fingerprint(tmp_path) == before
+    _refused_with_nothing_changed(
+        manager, target, tmp_path,
+        'No checkpoint.*step 10: .*checksum.*checkpoint_fallback=scratch')
 
 
 def test_an_error_that_is_not_damage_is_neither_retried_nor_moved(tmp_path, monkeypatch):
@@ -178,12 +184,9 @@ def test_a_missing_file_in_a_step_written_by_other_library_versions_is_not_damag
     meta['libraries']['orbax-checkpoint'] = '0.0.1'
     meta_file.write_text(json.dumps(meta))
     (step_dir / 'state' / 'manifest.ocdbt').unlink()
-    before = _fingerprint(tmp_path)
-    with pytest.raises(checkpoint.CheckpointRestoreError,
-                       match=r'step 30: written by other versions \(orbax-checkpoint '
-                             r'0.0.1 there'):
-        checkpoint.restore_latest(manager, target)
-    assert _fingerprint(tmp_path) == before
+    _refused_with_nothing_changed(
+        manager, target, tmp_path,
+        r'step 30: written by other versions \(orbax-checkpoint 0.0.1 there')
 
 
 def test_an_unknown_fallback_is_a_one_line_error(tmp_path):

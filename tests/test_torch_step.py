@@ -97,7 +97,7 @@ def _our_steps(name, variables, batches, config, augment) -> tuple[list[float], 
     return losses, state
 
 
-def _bn_sample_counts(torch_model, batches, name) -> dict:
+def _bn_sample_counts(torch_model, name) -> dict:
     """Each BN's number of values per channel (batch x height x width), in our layout."""
     counts = {}
     hooks = [module.register_forward_hook(
@@ -107,7 +107,7 @@ def _bn_sample_counts(torch_model, batches, name) -> dict:
         torch_model.eval()(torch.zeros((BATCH, 3, SIZE, SIZE), dtype=torch.float64))
     for hook in hooks:
         hook.remove()
-    state = {key: value for key, value in torch_model.state_dict().items()}
+    state = dict(torch_model.state_dict())
     for key, count in counts.items():
         state[f'{key}.running_var'] = torch.full_like(state[f'{key}.running_var'], count)
     return convert.from_torch_state_dict(state, name, num_classes=CLASSES, dtype=np.float64,
@@ -124,7 +124,7 @@ def test_two_sgd_steps_equal_pytorch_in_float64(name):
         start = convert.from_torch_state_dict(torch_model.state_dict(), name,
                                               num_classes=CLASSES, dtype=np.float64,
                                               **SMALL_OVERRIDES)
-        counts = _bn_sample_counts(torch_model, _batches(1), name)
+        counts = _bn_sample_counts(torch_model, name)
         config = _config()
         augment = device_augment.AugmentConfig(mean_rgb=MEAN_RGB, std_rgb=STD_RGB)
         batches = _batches(2)
